@@ -1,0 +1,25 @@
+"""peftvision: parameter-efficient fine-tuning for timm and diffusers vision models."""
+
+__version__ = "0.1.0"
+
+from .api import apply, config, merge, unload, unmerge
+from .checkpoint import load_adapter, save_adapter
+from .errors import (
+                     AdapterLoadError,
+                     ConfigError,
+                     CorruptAdapterError,
+                     MergeError,
+                     PeftVisionError,
+                     TargetError,
+                     UnknownMethodError,
+                     UnsupportedArchitectureError,
+)
+from .registry import get_method, methods, register_method
+from .report import Report, report
+
+__all__ = [
+    "__version__", "apply", "config", "merge", "unmerge", "unload", "report", "Report",
+    "save_adapter", "load_adapter", "methods", "get_method", "register_method",
+    "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
+    "UnsupportedArchitectureError", "MergeError", "AdapterLoadError", "CorruptAdapterError",
+]

@@ -1,0 +1,163 @@
+"""apply / merge / unmerge / unload: method -> targets -> swap."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from torch import nn
+
+from .errors import ConfigError, MergeError
+from .identity import base_identity
+from .layers import AdapterLayer
+from .methods.base import ApplyContext, Method, make_config
+from .registry import get_method
+from .state import STATE_ATTR, PeftState, get_state, iter_parameters, require_state
+from .surgery import Journal, decouple_conv_biases, restore_conv_classes, unwrap_all
+from .targets import detect_architecture, head_modules
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
+MethodSpec = str | Method
+
+
+def resolve_methods(method: MethodSpec | Sequence[MethodSpec], cfg: dict[str, Any]) -> list[Method]:
+    """Names, config objects or a list of them -> validated config objects."""
+    specs = [method] if isinstance(method, (str, Method)) else list(method)
+    if not specs:
+        raise ConfigError("apply needs at least one method, e.g. apply(model, 'lora', r=8)")
+    if cfg and len(specs) > 1:
+        raise ConfigError(
+            "keyword options are ambiguous with several methods; pass config objects instead, "
+            "e.g. apply(model, [peftvision.config('lora', r=8), 'bias'])")
+    resolved = []
+    for spec in specs:
+        if isinstance(spec, Method):
+            if cfg:
+                raise ConfigError(f"options {sorted(cfg)} given together with a {spec.name} config "
+                                  "object; set them on the config instead")
+            resolved.append(spec)
+        elif isinstance(spec, str):
+            resolved.append(make_config(get_method(spec), **cfg))
+        else:
+            raise ConfigError(f"a method is a name or a config object, got {type(spec).__name__}")
+    names = [m.name for m in resolved]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"method listed twice: {names}")
+    return resolved
+
+
+def config(name: str, **cfg: Any) -> Method:
+    """A validated config object for method `name`, e.g. config("lora", r=16)."""
+    return make_config(get_method(name), **cfg)
+
+
+def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *, train_head: bool = True,
+          **cfg: Any) -> ModelT:
+    """Apply one or more PEFT methods to `model` in place and return it.
+
+    The base model is frozen, the classifier head stays trainable unless `train_head=False`,
+    and what was applied is recorded on the model. On any error the model is left as it was.
+    """
+    methods = resolve_methods(method, cfg)
+    previous = get_state(model)
+    if previous is not None:
+        if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
+            raise MergeError("the model's adapters are merged; call peftvision.unmerge(model) "
+                             "before applying more methods")
+        applied = {m.name for m in previous.methods}
+        again = [m.name for m in methods if m.name in applied]
+        if again:
+            raise ConfigError(f"method(s) {again} are already applied to this model")
+    state = copy.deepcopy(previous) if previous is not None else PeftState(
+        architecture=detect_architecture(model),
+        base_identity=base_identity(model),
+        original_requires_grad={e.canonical: e.param.requires_grad for e in iter_parameters(model)},
+        train_head=train_head,
+    )
+    grad_before = {e.param: e.param.requires_grad for e in iter_parameters(model)}
+    journal = Journal()
+    try:
+        if previous is None:
+            model.requires_grad_(False)
+        heads = {name for name, _ in head_modules(model)}
+        ctx = ApplyContext(model, state, journal, heads)
+        for m in methods:
+            m.apply_to(ctx)
+            state.methods.append(m)
+        if train_head:
+            for name in heads:
+                ctx_head = model.get_submodule(name)
+                for entry in iter_parameters(ctx_head):
+                    if entry.adapter is None:
+                        entry.param.requires_grad_(True)
+                        canonical = f"{name}.{entry.canonical}"
+                        if canonical not in state.head:
+                            state.head.append(canonical)
+        decouple_conv_biases(model, journal)
+    except BaseException:
+        journal.rollback()
+        for param, flag in grad_before.items():
+            param.requires_grad_(flag)
+        raise
+    object.__setattr__(model, STATE_ATTR, state)
+    return model
+
+
+def _adapter_layers(model: nn.Module) -> list[AdapterLayer]:
+    return [m for m in model.modules() if isinstance(m, AdapterLayer)]  # outer before inner
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer's weights (selective methods need nothing)."""
+    require_state(model, "merge")
+    layers = _adapter_layers(model)
+    refusing = sorted({f"{m.method_name} ({m.why_not_mergeable})" for m in layers if not m.mergeable})
+    if refusing:
+        raise MergeError(f"cannot merge: {', '.join(refusing)}. Keep the adapters unmerged, or "
+                         "unload(model, merge=False) to drop them")
+    if layers and all(m.merged for m in layers):
+        warnings.warn("peftvision.merge: the adapters are already merged; nothing to do", stacklevel=2)
+        return model
+    _merge_layers(layers)
+    return model
+
+
+def _merge_layers(layers: list[AdapterLayer]) -> None:
+    for layer in reversed(layers):  # innermost first, so nested adapters compose in order
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo `merge`: restore the base weights and run the adapters separately again."""
+    require_state(model, "unmerge")
+    for layer in _adapter_layers(model):  # outermost first: the exact inverse of merge's order
+        layer.unmerge()
+    return model
+
+
+def unload(model: ModelT, merge: bool = False) -> ModelT:
+    """Remove every peftvision change and return the plain model.
+
+    merge=True folds mergeable adapters into the weights first (for deployment); merge=False
+    drops them and restores the original weights and requires_grad flags.
+    """
+    state = require_state(model, "unload")
+    if merge:
+        layers = _adapter_layers(model)
+        refusing = sorted({m.method_name for m in layers if not m.mergeable})
+        if refusing:
+            raise MergeError(f"unload(merge=True): {', '.join(refusing)} cannot be merged; "
+                             "use unload(model, merge=False) to drop those adapters")
+        _merge_layers(layers)
+    else:
+        unmerge(model)
+    for method in reversed(state.methods):
+        method.remove_from(model)
+    unwrap_all(model)
+    restore_conv_classes(model)
+    for entry in iter_parameters(model):
+        entry.param.requires_grad_(state.original_requires_grad.get(entry.canonical, True))
+    object.__delattr__(model, STATE_ATTR)
+    return model

@@ -1,0 +1,38 @@
+"""Exceptions raised by peftvision. Every message names the problem and, where there is one, the fix."""
+
+from __future__ import annotations
+
+
+class PeftVisionError(Exception):
+    """Base class of every error peftvision raises on purpose."""
+
+
+class ConfigError(PeftVisionError, ValueError):
+    """A method configuration value is invalid."""
+
+
+class UnknownMethodError(PeftVisionError, KeyError):
+    """The method name is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TargetError(PeftVisionError, ValueError):
+    """The target specification matched no module of the model."""
+
+
+class UnsupportedArchitectureError(PeftVisionError, ValueError):
+    """The method does not support this model architecture."""
+
+
+class MergeError(PeftVisionError, RuntimeError):
+    """The applied adapters cannot be merged (or unmerged)."""
+
+
+class AdapterLoadError(PeftVisionError, ValueError):
+    """An adapter checkpoint cannot be loaded onto this model."""
+
+
+class CorruptAdapterError(AdapterLoadError):
+    """An adapter file is truncated, corrupt or does not match its config."""

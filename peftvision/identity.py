@@ -1,0 +1,35 @@
+"""Who a base model is: class, timm/diffusers name, and a fingerprint of parameter names and shapes."""
+
+from __future__ import annotations
+
+import hashlib
+
+from torch import nn
+
+from .state import iter_parameters
+
+
+def model_name(model: nn.Module) -> str | None:
+    """The timm architecture name or diffusers `_name_or_path`, when the model carries one."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("architecture"):
+        return pretrained_cfg["architecture"]
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) if config is not None else None
+    return name or None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over the user's parameter names and shapes (adapters excluded): equal for two
+    instances of the same architecture, different when any layer differs."""
+    lines = sorted(f"{e.canonical}:{tuple(e.param.shape)}" for e in iter_parameters(model) if e.adapter is None)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def base_identity(model: nn.Module) -> dict:
+    cls = type(model)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "name": model_name(model),
+        "fingerprint": fingerprint(model),
+    }

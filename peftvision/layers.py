@@ -1,0 +1,116 @@
+"""Adapter modules. Adapter parameters are found by structure: they live in `Adapter` modules.
+
+`AdapterLayer` wraps one base layer (Linear, Conv, Norm...). A mergeable subclass describes its
+effect on the base weight and bias through `merged_weight_and_bias` / `unmerged_weight_and_bias`;
+merge and unmerge are shared code built on those two functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import MergeError
+
+
+class Adapter(nn.Module):
+    """Marker base class of every module peftvision inserts into a model."""
+
+    method_name: str = ""
+
+
+class AdapterLayer(Adapter):
+    """Wraps `base_layer`; `forward` adds the adapter's effect unless it is merged."""
+
+    mergeable: bool = True
+    why_not_mergeable: str = ""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged = False
+
+    @property
+    def weighted_layer(self) -> nn.Module:
+        """The innermost wrapped user layer (adapters may nest)."""
+        layer = self.base_layer
+        while isinstance(layer, AdapterLayer):
+            layer = layer.base_layer
+        return layer
+
+    # -- the two functions a mergeable adapter implements --------------------------------------
+    def merged_weight_and_bias(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Base (weight, bias) -> the (weight, bias) that make the base layer alone compute the
+        adapted output. Return bias=None to leave the bias as it is."""
+        raise MergeError(f"{type(self).__name__} cannot be merged: {self.why_not_mergeable}")
+
+    def unmerged_weight_and_bias(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """The inverse of `merged_weight_and_bias`."""
+        raise MergeError(f"{type(self).__name__} cannot be unmerged: {self.why_not_mergeable}")
+
+    def needs_bias_to_merge(self) -> bool:
+        """True when merging writes a bias into a base layer that may have none (e.g. a shift)."""
+        return False
+
+    # -- shared merge / unmerge ------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if not self.mergeable:
+            raise MergeError(f"{type(self).__name__} cannot be merged: {self.why_not_mergeable}")
+        layer = self.weighted_layer
+        if getattr(layer, "weight", None) is None:
+            raise MergeError(f"cannot merge {type(self).__name__} into {type(layer).__name__}: "
+                             "the layer has no weight to fold it into (e.g. a norm without affine)")
+        bias = layer.bias
+        created_bias = bias is None and self.needs_bias_to_merge()
+        if created_bias:
+            bias = torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+        weight, new_bias = self.merged_weight_and_bias(layer.weight, bias)
+        layer.weight.copy_(weight)
+        if created_bias:
+            layer.bias = nn.Parameter(new_bias, requires_grad=False)
+        elif new_bias is not None:
+            layer.bias.copy_(new_bias)
+        self._created_bias = created_bias
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        layer = self.weighted_layer
+        weight, bias = self.unmerged_weight_and_bias(layer.weight, layer.bias)
+        layer.weight.copy_(weight)
+        if getattr(self, "_created_bias", False):
+            layer.bias = None  # the base layer had no bias before merge
+        elif bias is not None:
+            layer.bias.copy_(bias)
+        self.merged = False
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"method={self.method_name!r}, merged={self.merged}"
+
+
+class AdditiveDeltaLayer(AdapterLayer):
+    """An adapter whose merge is W + ΔW (and b + Δb): subclasses implement `delta_weight`."""
+
+    def delta_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def delta_bias(self) -> Tensor | None:
+        return None
+
+    def merged_weight_and_bias(self, weight, bias):
+        delta_bias = self.delta_bias()
+        new_bias = None if delta_bias is None else bias + delta_bias.to(bias.dtype)
+        return weight + self.delta_weight().to(weight.dtype), new_bias
+
+    def unmerged_weight_and_bias(self, weight, bias):
+        delta_bias = self.delta_bias()
+        new_bias = None if delta_bias is None else bias - delta_bias.to(bias.dtype)
+        return weight - self.delta_weight().to(weight.dtype), new_bias

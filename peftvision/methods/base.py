@@ -1,0 +1,131 @@
+"""The method contract: a config dataclass that knows its targets and how to apply itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedArchitectureError
+from ..layers import AdapterLayer
+from ..state import PeftState
+from ..surgery import Journal, wrap_module
+from ..targets import ARCHITECTURES, TargetSpec, find_targets
+
+
+@dataclass
+class Method:
+    """Base of every method config. Subclasses are dataclasses registered by name."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[str] = "selective"  # "selective" (chooses parameters) or "additive" (adds modules)
+    mergeable: ClassVar[bool] = True
+    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for invalid values."""
+
+    def apply_to(self, ctx: ApplyContext) -> None:
+        raise NotImplementedError
+
+    def remove_from(self, model: nn.Module) -> None:
+        """Undo changes other than wrappers and selections (inserted modules); called by unload."""
+
+    # -- serialisation for adapter_config.json -------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _encode(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Method:
+        return make_config(cls, **{k: _decode(v) for k, v in values.items()})
+
+    @classmethod
+    def info(cls):
+        from ..registry import MethodInfo
+
+        return MethodInfo(cls.name, cls.aliases, cls.kind, cls.mergeable, cls.architectures,
+                          cls.summary, cls.paper)
+
+
+def make_config(cls: type[Method], **cfg: Any) -> Method:
+    """Build a config, turning unknown keyword arguments into a ConfigError that lists the valid ones."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - valid)
+    if unknown:
+        raise ConfigError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; "
+                          f"valid options: {', '.join(sorted(valid)) or 'none'}")
+    return cls(**cfg)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, type):
+        return {"type": f"{value.__module__}.{value.__qualname__}"}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and set(value) == {"type"}:
+        module_name, _, qualname = value["type"].rpartition(".")
+        return getattr(importlib.import_module(module_name), qualname)
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+class ApplyContext:
+    """What a method sees while applying itself: the model, its architecture, and the two ways
+    to change it (select existing parameters, wrap a module). Every change is journaled."""
+
+    def __init__(self, model: nn.Module, state: PeftState, journal: Journal, head: set[str]):
+        self.model = model
+        self.state = state
+        self.architecture = state.architecture
+        self.journal = journal
+        self.head_modules = head  # canonical names of the classifier head modules
+
+    def require_architecture(self, method: Method, supported: Iterable[str] | None = None) -> None:
+        supported = tuple(supported or method.architectures)
+        if self.architecture not in supported:
+            raise UnsupportedArchitectureError(
+                f"method {method.name!r} does not support {type(self.model).__name__} "
+                f"(architecture {self.architecture!r}); it supports: {', '.join(supported)}")
+
+    def find(self, method: Method, spec: TargetSpec, allowed=(nn.Module,), exclude_head=True):
+        exclude = sorted(self.head_modules) if exclude_head else ()
+        return find_targets(self.model, spec, method=method.name, allowed=allowed, exclude=exclude)
+
+    def select(self, method: Method, params: Iterable[tuple[str, nn.Parameter]]) -> int:
+        """Make these existing (canonical name, parameter) pairs trainable for `method`."""
+        count = 0
+        for canonical, param in params:
+            param.requires_grad_(True)
+            if canonical not in self.state.selected:  # selected by two methods: counted once
+                self.state.selected[canonical] = method.name
+                count += param.numel()
+        return count
+
+    def wrap(self, method: Method, name: str, factory: Callable[[nn.Module], AdapterLayer]) -> AdapterLayer:
+        layer = wrap_module(self.model, name, factory, self.journal)
+        layer.method_name = method.name
+        return layer
+
+
+def parameters_under(prefix: str, module: nn.Module, recurse: bool = True):
+    """(canonical name, parameter) pairs of a user module (adapters inside it skipped)."""
+    from ..state import iter_parameters
+
+    for entry in iter_parameters(module):
+        if entry.adapter is None and (recurse or entry.module is module):
+            yield (f"{prefix}.{entry.canonical}" if prefix else entry.canonical), entry.param

@@ -1,0 +1,143 @@
+"""Selective methods: they only choose which existing parameters train, and add no modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+from ..registry import register_method
+from ..targets import (
+    GENERIC,
+    NORM_TYPES,
+    RESNET,
+    UNET,
+    UNET_ATTENTIONS,
+    VIT,
+    VIT_ATTENTION,
+    TargetSpec,
+)
+from .base import ApplyContext, Method, parameters_under
+
+
+@dataclass
+class SelectiveMethod(Method):
+    """Selects the parameters of the matched modules that `wanted` accepts."""
+
+    targets: TargetSpec = None
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Module,)
+
+    def default_targets(self, ctx: ApplyContext) -> TargetSpec:
+        return list(self.module_types)  # every module of the method's types
+
+    def wanted(self, param_name: str) -> bool:
+        return True
+
+    def apply_to(self, ctx: ApplyContext) -> None:
+        ctx.require_architecture(self)
+        spec = self.targets if self.targets is not None else self.default_targets(ctx)
+        # spec None: the whole model (cheaper than matching every module)
+        modules = [("", ctx.model)] if spec is None else ctx.find(self, spec, allowed=self.module_types)
+        chosen: dict[str, nn.Parameter] = {}
+        for name, module in modules:
+            for canonical, param in parameters_under(name, module):
+                if self.wanted(canonical.rpartition(".")[2]) and not _in_head(canonical, ctx):
+                    chosen[canonical] = param
+        if not chosen:
+            raise UnsupportedArchitectureError(
+                f"{self.name}: the matched modules of {type(ctx.model).__name__} hold no parameter "
+                f"this method trains; pass other targets=[...]")
+        ctx.select(self, chosen.items())
+
+
+def _in_head(canonical: str, ctx: ApplyContext) -> bool:
+    return any(canonical.startswith(h + ".") for h in ctx.head_modules)
+
+
+@register_method
+@dataclass
+class Full(SelectiveMethod):
+    name: ClassVar[str] = "full"
+    summary: ClassVar[str] = "full fine-tuning: every parameter trains"
+
+    def apply_to(self, ctx: ApplyContext) -> None:
+        ctx.require_architecture(self)
+        ctx.select(self, ((c, p) for c, p in parameters_under("", ctx.model) if not _in_head(c, ctx)))
+
+
+@register_method
+@dataclass
+class Linear(SelectiveMethod):
+    name: ClassVar[str] = "linear"
+    aliases: ClassVar[tuple[str, ...]] = ("linear_probe",)
+    architectures: ClassVar[tuple[str, ...]] = (VIT, RESNET, GENERIC)
+    summary: ClassVar[str] = "linear probing: only the classifier head trains"
+
+    def apply_to(self, ctx: ApplyContext) -> None:
+        ctx.require_architecture(self)
+        if not ctx.head_modules:
+            raise UnsupportedArchitectureError(
+                f"linear probing needs a classifier head, and {type(ctx.model).__name__} has none "
+                "(timm models expose it through get_classifier(); create the model with num_classes>0)")
+        if not ctx.state.train_head:
+            raise UnsupportedArchitectureError("linear probing trains only the head; "
+                                               "it cannot be combined with train_head=False")
+
+
+@register_method
+@dataclass
+class Bias(SelectiveMethod):
+    name: ClassVar[str] = "bias"
+    aliases: ClassVar[tuple[str, ...]] = ("bitfit",)
+    summary: ClassVar[str] = "BitFit: every bias term trains"
+    paper: ClassVar[str] = "Ben Zaken et al., ACL 2022"
+
+    def default_targets(self, ctx):
+        return None
+
+    def wanted(self, param_name: str) -> bool:
+        return param_name == "bias"
+
+
+@register_method
+@dataclass
+class BatchNorm(SelectiveMethod):
+    name: ClassVar[str] = "batchnorm"
+    module_types: ClassVar = (nn.modules.batchnorm._BatchNorm,)
+    architectures: ClassVar[tuple[str, ...]] = (RESNET, GENERIC)
+    summary: ClassVar[str] = "BatchNorm affine parameters train"
+
+
+@register_method
+@dataclass
+class LayerNorm(SelectiveMethod):
+    name: ClassVar[str] = "layernorm"
+    module_types: ClassVar = (nn.LayerNorm,)
+    architectures: ClassVar[tuple[str, ...]] = (VIT, UNET, GENERIC)
+    summary: ClassVar[str] = "LayerNorm affine parameters train"
+
+
+@register_method
+@dataclass
+class Norm(SelectiveMethod):
+    name: ClassVar[str] = "norm"
+    module_types: ClassVar = NORM_TYPES
+    summary: ClassVar[str] = "every normalisation layer's affine parameters train"
+
+
+@register_method
+@dataclass
+class Attention(SelectiveMethod):
+    name: ClassVar[str] = "attention"
+    architectures: ClassVar[tuple[str, ...]] = (VIT, UNET, GENERIC)
+    summary: ClassVar[str] = "attention tuning: ViT `attn` modules, UNet `attentions` blocks"
+
+    def default_targets(self, ctx):
+        if ctx.architecture == VIT:
+            return VIT_ATTENTION
+        if ctx.architecture == UNET:
+            return UNET_ATTENTIONS
+        raise UnsupportedArchitectureError(
+            "attention tuning on a generic model needs targets=[...] naming its attention modules")

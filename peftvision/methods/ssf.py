@@ -1,0 +1,111 @@
+"""SSF (Lian et al., NeurIPS 2022): scale and shift features, y = γ ⊙ x + β per channel.
+
+SSF sits after a layer and folds into it on merge: W' = diag(γ)·W, b' = γ ⊙ b + β.
+γ ~ N(1, 0.02) and β ~ N(0, 0.02) as in the paper, so the model starts *near* (not exactly at)
+the base model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, UnsupportedArchitectureError
+from ..layers import AdapterLayer
+from ..registry import register_method
+from ..targets import GENERIC, RESNET, VIT, VIT_SSF, TargetSpec, _loaded_class
+from .base import ApplyContext, Method
+
+_CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                  nn.modules.instancenorm._InstanceNorm)
+SSF_LAYERS = (nn.Linear, nn.LayerNorm, *_CHANNEL_FIRST)
+
+
+def channel_dim(layer: nn.Module) -> int:
+    """The channel axis of `layer`'s output: 1 for NCHW layers, -1 for channel-last (NLC) ones."""
+    layer_norm_2d = _loaded_class("timm.layers.norm", "LayerNorm2d")
+    if isinstance(layer, _CHANNEL_FIRST) or (layer_norm_2d is not None and isinstance(layer, layer_norm_2d)):
+        return 1
+    return -1
+
+
+def out_channels(layer: nn.Module) -> int:
+    for attr in ("out_features", "out_channels", "num_features", "num_channels"):
+        if hasattr(layer, attr):
+            return getattr(layer, attr)
+    return layer.normalized_shape[-1]  # LayerNorm
+
+
+class SSFLayer(AdapterLayer):
+    def __init__(self, base_layer: nn.Module, init_std: float = 0.02) -> None:
+        super().__init__(base_layer)
+        layer = self.weighted_layer
+        self.channel_dim = channel_dim(layer)
+        channels = out_channels(layer)
+        ref = next(layer.parameters(), None)
+        kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
+        self.ssf_scale = nn.Parameter(torch.empty(channels, **kwargs).normal_(1.0, init_std))
+        self.ssf_shift = nn.Parameter(torch.empty(channels, **kwargs).normal_(0.0, init_std))
+
+    def _view(self, v: Tensor, ndim: int, dim: int) -> Tensor:
+        shape = [1] * ndim
+        shape[dim] = -1
+        return v.view(shape)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return out
+        if self.channel_dim == -1:  # (..., C): plain broadcasting
+            return out * self.ssf_scale + self.ssf_shift
+        scale = self._view(self.ssf_scale, out.dim(), self.channel_dim)  # (1, C, 1, 1)
+        shift = self._view(self.ssf_shift, out.dim(), self.channel_dim)
+        return out * scale + shift
+
+    def needs_bias_to_merge(self) -> bool:
+        return True
+
+    def merged_weight_and_bias(self, weight, bias):
+        scale = self._view(self.ssf_scale, weight.dim(), 0)  # output channels are dim 0 of a weight
+        return weight * scale, bias * self.ssf_scale + self.ssf_shift
+
+    def unmerged_weight_and_bias(self, weight, bias):
+        scale = self._view(self.ssf_scale, weight.dim(), 0)
+        return weight / scale, (bias - self.ssf_shift) / self.ssf_scale
+
+
+@register_method
+@dataclass
+class SSF(Method):
+    """Scale-and-shift after the chosen layers."""
+
+    targets: TargetSpec = None
+    init_std: float = 0.02
+
+    name: ClassVar[str] = "ssf"
+    kind: ClassVar[str] = "additive"
+    architectures: ClassVar = (VIT, RESNET, GENERIC)
+    summary: ClassVar[str] = "per-channel scale γ and shift β after ViT linears/norms or CNN BatchNorms"
+    paper: ClassVar[str] = "Lian et al., NeurIPS 2022"
+
+    def validate(self) -> None:
+        if not self.init_std >= 0:
+            raise ConfigError(f"ssf: init_std must be >= 0, got {self.init_std!r}")
+
+    def default_targets(self, ctx: ApplyContext) -> TargetSpec:
+        if ctx.architecture == VIT:
+            return VIT_SSF
+        if ctx.architecture == RESNET:
+            # after every BatchNorm: SSF before a train-mode BN would be normalised away
+            return [nn.modules.batchnorm._BatchNorm]
+        raise UnsupportedArchitectureError(
+            "ssf on a generic model needs targets=[...] (e.g. [nn.Linear, nn.LayerNorm])")
+
+    def apply_to(self, ctx: ApplyContext) -> None:
+        ctx.require_architecture(self)
+        spec = self.targets if self.targets is not None else self.default_targets(ctx)
+        for name, _module in ctx.find(self, spec, allowed=SSF_LAYERS):
+            ctx.wrap(self, name, lambda m: SSFLayer(m, self.init_std))

@@ -1,0 +1,103 @@
+"""What peftvision records on a model it changed, and structural views of its parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
+
+from torch import nn
+
+from .layers import Adapter, AdapterLayer
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+
+STATE_ATTR = "_peftvision_state"
+
+
+@dataclass
+class PeftState:
+    """Everything `apply` did to a model, so later calls need no extra arguments."""
+
+    architecture: str
+    base_identity: dict
+    original_requires_grad: dict[str, bool]
+    train_head: bool = True
+    methods: list[Method] = field(default_factory=list)
+    # canonical parameter name -> the method that selected it (the first one, if several did)
+    selected: dict[str, str] = field(default_factory=dict)
+    head: list[str] = field(default_factory=list)
+
+
+def get_state(model: nn.Module) -> PeftState | None:
+    return getattr(model, STATE_ATTR, None)
+
+
+def require_state(model: nn.Module, action: str) -> PeftState:
+    state = get_state(model)
+    if state is None:
+        raise ValueError(f"cannot {action}: no peftvision method was applied to this "
+                         f"{type(model).__name__}; call peftvision.apply(model, ...) first")
+    return state
+
+
+class ParamEntry(NamedTuple):
+    name: str  # the name in model.named_parameters() now (wrappers included)
+    canonical: str  # the name in the user's model without peftvision's wrappers
+    param: nn.Parameter
+    module: nn.Module  # the module that holds the parameter
+    adapter: Adapter | None  # the adapter that owns it, None for the user's own parameters
+
+
+def iter_parameters(model: nn.Module) -> Iterator[ParamEntry]:
+    """Every parameter with its current and canonical names and, structurally, its owner."""
+
+    def walk(module: nn.Module, name: str, canonical: str, adapter: Adapter | None):
+        for pname, param in module._parameters.items():
+            if param is not None:
+                yield ParamEntry(_join(name, pname), _join(canonical, pname), param, module, adapter)
+        for cname, child in module._modules.items():
+            if child is None:
+                continue
+            if isinstance(module, AdapterLayer) and cname == "base_layer":
+                # the wrapped user layer: its parameters keep the wrapper's canonical name
+                yield from walk(child, _join(name, cname), canonical, None)
+            elif isinstance(child, Adapter):
+                yield from walk(child, _join(name, cname), _join(canonical, cname), child)
+            else:
+                yield from walk(child, _join(name, cname), _join(canonical, cname), adapter)
+
+    start_adapter = model if isinstance(model, Adapter) else None
+    yield from walk(model, "", "", start_adapter)
+
+
+class BufferEntry(NamedTuple):
+    name: str
+    canonical: str
+    module: nn.Module
+    attr: str  # the buffer's attribute name on `module`
+    adapter: Adapter | None
+
+
+def iter_buffers(model: nn.Module) -> Iterator[BufferEntry]:
+    """Every persistent buffer with its current and canonical names and its owning adapter."""
+
+    def walk(module: nn.Module, name: str, canonical: str, adapter: Adapter | None):
+        for bname, buf in module._buffers.items():
+            if buf is not None and bname not in module._non_persistent_buffers_set:
+                yield BufferEntry(_join(name, bname), _join(canonical, bname), module, bname, adapter)
+        for cname, child in module._modules.items():
+            if child is None:
+                continue
+            if isinstance(module, AdapterLayer) and cname == "base_layer":
+                yield from walk(child, _join(name, cname), canonical, None)
+            else:
+                owner = child if isinstance(child, Adapter) else adapter
+                yield from walk(child, _join(name, cname), _join(canonical, cname), owner)
+
+    yield from walk(model, "", "", model if isinstance(model, Adapter) else None)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name

@@ -1,0 +1,125 @@
+"""The only code that mutates module trees. Every change is journaled so `apply` can roll back.
+
+Surgery replaces a child through its parent (`setattr(parent, name, new)`); it never wraps the
+whole model and never patches `forward` on an instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from .layers import AdapterLayer
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the submodule at dotted `name`."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+class Journal:
+    """Undo log of the mutations made while applying methods."""
+
+    def __init__(self) -> None:
+        self._undo: list[Callable[[], None]] = []
+
+    def record(self, undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+
+    def rollback(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module, journal: Journal | None = None) -> None:
+    """Put `new` at dotted path `name` (in its parent), recording how to undo it."""
+    parent, child = get_submodule_parent(model, name)
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    if journal is not None:
+        journal.record(lambda: setattr(parent, child, old))
+
+
+def wrap_module(model: nn.Module, name: str, wrapper_factory: Callable[[nn.Module], AdapterLayer],
+                journal: Journal | None = None) -> AdapterLayer:
+    """Wrap the module found at `name` (the outermost wrapper, if already wrapped)."""
+    parent, child = get_submodule_parent(model, name)
+    wrapper = wrapper_factory(getattr(parent, child))
+    replace_module(model, name, wrapper, journal)
+    return wrapper
+
+
+def unwrap_all(model: nn.Module) -> None:
+    """Replace every AdapterLayer chain by the user layer it wraps (its `weighted_layer`)."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, AdapterLayer):
+            setattr(model, name, child.weighted_layer)
+            unwrap_all(child.weighted_layer)
+        else:
+            unwrap_all(child)
+
+
+# ---- conv bias fast path ------------------------------------------------------------------
+# PyTorch's conv backward computes the weight gradient whenever the bias needs a gradient, even
+# with the weight frozen (measured: 74 ms frozen -> 114 ms bias-trainable for a 320-ch 3x3 conv on
+# CPU). Adding the bias outside the conv keeps the weight gradient out of backward.
+
+
+def _decoupled_bias_forward(self: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    bias = self.bias
+    if bias is None or not bias.requires_grad or self.weight.requires_grad:
+        return self._conv_forward(x, self.weight, bias)
+    out = self._conv_forward(x, self.weight, None)  # (B, C_out, *spatial)
+    return out + bias.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+class BiasDecoupledConv1d(nn.Conv1d):
+    forward = _decoupled_bias_forward
+
+
+class BiasDecoupledConv2d(nn.Conv2d):
+    forward = _decoupled_bias_forward
+
+
+class BiasDecoupledConv3d(nn.Conv3d):
+    forward = _decoupled_bias_forward
+
+
+_DECOUPLED = {nn.Conv1d: BiasDecoupledConv1d, nn.Conv2d: BiasDecoupledConv2d, nn.Conv3d: BiasDecoupledConv3d}
+_ORIGINAL = {v: k for k, v in _DECOUPLED.items()}
+
+
+def decouple_conv_biases(model: nn.Module, journal: Journal | None = None) -> int:
+    """Give every plain Conv whose bias trains while its weight is frozen the bias-outside forward.
+
+    The module keeps its identity, parameters and state-dict keys; only its class changes to a
+    subclass (so isinstance(m, nn.Conv2d) still holds). Conv subclasses with their own forward
+    (timm's Conv2dSame, StdConv2d...) are left alone. Returns how many convs changed."""
+    changed = 0
+    for module in model.modules():
+        fast_class = _DECOUPLED.get(type(module))
+        if fast_class is None or module.bias is None:
+            continue
+        if module.bias.requires_grad and not module.weight.requires_grad:
+            original = type(module)
+            module.__class__ = fast_class
+            if journal is not None:
+                journal.record(_class_restorer(module, original))
+            changed += 1
+    return changed
+
+
+def _class_restorer(module: nn.Module, cls: type) -> Callable[[], None]:
+    return lambda: setattr(module, "__class__", cls)
+
+
+def restore_conv_classes(model: nn.Module) -> None:
+    """Undo `decouple_conv_biases` everywhere in `model`."""
+    for module in model.modules():
+        original = _ORIGINAL.get(type(module))
+        if original is not None:
+            module.__class__ = original
+
+
