@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import TargetError
 
-TargetSpec = Union[None, str, Sequence[str | type]]
+TargetSpec = None | str | Sequence[str | type]
 
 VIT, RESNET, UNET, GENERIC = "vit", "resnet", "unet", "generic"
 ARCHITECTURES = (VIT, RESNET, UNET, GENERIC)
