@@ -1,0 +1,46 @@
+# peftvision developer tasks. Everything runs inside .venv, which `make venv` creates and keeps
+# in sync with pyproject.toml (the stamp file is re-made whenever pyproject.toml is newer).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.peftvision-installed
+DOCS_STAMP := $(VENV)/.peftvision-docs-installed
+# pytest-xdist workers; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
+.PHONY: venv demo test lint build docs clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[all,dev]"
+	touch $@
+
+# The demo must run without network access to any model hub: it builds its models and data itself.
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/quickstart.py
+
+# All tests, slow ones included. One torch thread per xdist worker so 2 workers don't
+# oversubscribe the cores (override with OMP_NUM_THREADS=...).
+test: venv
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} \
+		$(BIN)/python -m pytest -n $(TEST_WORKERS) -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+build: venv
+	$(BIN)/python -m build
+
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install -e ".[docs]"
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict
+
+clean:
+	rm -rf build dist site .pytest_cache .ruff_cache .hypothesis *.egg-info
