@@ -9,6 +9,7 @@ from .errors import (
                      ConfigError,
                      CorruptAdapterError,
                      MergeError,
+                     NotAppliedError,
                      PeftVisionError,
                      TargetError,
                      UnknownMethodError,
@@ -21,5 +22,5 @@ __all__ = [
     "__version__", "apply", "config", "merge", "unmerge", "unload", "report", "Report",
     "save_adapter", "load_adapter", "methods", "get_method", "register_method",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
-    "UnsupportedArchitectureError", "MergeError", "AdapterLoadError", "CorruptAdapterError",
+    "UnsupportedArchitectureError", "MergeError", "NotAppliedError", "AdapterLoadError", "CorruptAdapterError",
 ]

@@ -15,7 +15,7 @@ from .layers import AdapterLayer
 from .methods.base import ApplyContext, Method, make_config
 from .registry import get_method
 from .state import STATE_ATTR, PeftState, get_state, iter_parameters, require_state
-from .surgery import Journal, decouple_conv_biases, restore_conv_classes, unwrap_all
+from .surgery import Journal, decouple_conv_biases, get_module, restore_conv_classes, unwrap_all
 from .targets import detect_architecture, head_modules
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
@@ -53,16 +53,22 @@ def config(name: str, **cfg: Any) -> Method:
     return make_config(get_method(name), **cfg)
 
 
-def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *, train_head: bool = True,
-          **cfg: Any) -> ModelT:
+def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
+          train_head: bool | None = None, **cfg: Any) -> ModelT:
     """Apply one or more PEFT methods to `model` in place and return it.
 
-    The base model is frozen, the classifier head stays trainable unless `train_head=False`,
-    and what was applied is recorded on the model. On any error the model is left as it was.
+    The base model is frozen, the classifier head stays trainable unless `train_head=False`
+    (decided by the first apply; later calls keep it), and what was applied is recorded on the
+    model. On any error the model is left as it was.
     """
     methods = resolve_methods(method, cfg)
     previous = get_state(model)
+    if train_head is None:
+        train_head = previous.train_head if previous is not None else True
     if previous is not None:
+        if train_head != previous.train_head:
+            raise ConfigError(f"train_head={train_head} differs from the first apply "
+                              f"(train_head={previous.train_head}); unload and apply again to change it")
         if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
             raise MergeError("the model's adapters are merged; call peftvision.unmerge(model) "
                              "before applying more methods")
@@ -88,8 +94,7 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *, train_hea
             state.methods.append(m)
         if train_head:
             for name in heads:
-                ctx_head = model.get_submodule(name)
-                for entry in iter_parameters(ctx_head):
+                for entry in iter_parameters(get_module(model, name)):
                     if entry.adapter is None:
                         entry.param.requires_grad_(True)
                         canonical = f"{name}.{entry.canonical}"
@@ -113,10 +118,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer's weights (selective methods need nothing)."""
     require_state(model, "merge")
     layers = _adapter_layers(model)
-    refusing = sorted({f"{m.method_name} ({m.why_not_mergeable})" for m in layers if not m.mergeable})
-    if refusing:
-        raise MergeError(f"cannot merge: {', '.join(refusing)}. Keep the adapters unmerged, or "
-                         "unload(model, merge=False) to drop them")
+    _check_mergeable(layers, "merge")
     if layers and all(m.merged for m in layers):
         warnings.warn("peftvision.merge: the adapters are already merged; nothing to do", stacklevel=2)
         return model
@@ -124,9 +126,26 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_mergeable(layers: list[AdapterLayer], action: str) -> None:
+    """Refuse before touching any weight, so a refused merge changes nothing."""
+    refusing = sorted({b for b in (m.merge_blocker() for m in layers) if b})
+    if refusing:
+        raise MergeError(f"{action}: cannot merge {', '.join(refusing)}. Keep the adapters "
+                         "unmerged, or unload(model, merge=False) to drop them")
+
+
 def _merge_layers(layers: list[AdapterLayer]) -> None:
-    for layer in reversed(layers):  # innermost first, so nested adapters compose in order
-        layer.merge()
+    """Merge all or nothing: if one layer refuses, the ones already merged are unmerged again."""
+    done: list[AdapterLayer] = []
+    try:
+        for layer in reversed(layers):  # innermost first, so nested adapters compose in order
+            if not layer.merged:
+                layer.merge()
+                done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -146,10 +165,7 @@ def unload(model: ModelT, merge: bool = False) -> ModelT:
     state = require_state(model, "unload")
     if merge:
         layers = _adapter_layers(model)
-        refusing = sorted({m.method_name for m in layers if not m.mergeable})
-        if refusing:
-            raise MergeError(f"unload(merge=True): {', '.join(refusing)} cannot be merged; "
-                             "use unload(model, merge=False) to drop those adapters")
+        _check_mergeable(layers, "unload(merge=True)")
         _merge_layers(layers)
     else:
         unmerge(model)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterLoadError, CorruptAdapterError
+from .errors import AdapterLoadError, CorruptAdapterError, PeftVisionError
 from .state import iter_buffers, iter_parameters, require_state
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 
 def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     """The live tensors an adapter checkpoint holds, by their current state-dict name."""
-    state = require_state(model, "collect adapter tensors")
+    state = require_state(model, "save_adapter")
     keep = set(state.selected) | set(state.head)
     tensors: dict[str, Tensor] = {}
     for entry in iter_parameters(model):
@@ -57,7 +57,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def adapter_config(model: nn.Module) -> dict:
     from . import __version__
 
-    state = require_state(model, "describe the adapter")
+    state = require_state(model, "save_adapter")
     return {
         "peftvision_version": __version__,
         "format_version": FORMAT_VERSION,
@@ -157,7 +157,12 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     base_note = (f" The adapter was saved for {saved_base.get('name') or saved_base.get('class')} "
                  f"({saved_base.get('class')}); this model is {this_base['name'] or this_base['class']} "
                  f"({this_base['class']}) with different layers." if other_base else "")
-    methods: list[Method] = [get_method(m["name"]).from_dict(m["config"]) for m in config["methods"]]
+    try:
+        methods: list[Method] = [get_method(m["name"]).from_dict(m["config"]) for m in config["methods"]]
+    except PeftVisionError as exc:
+        raise AdapterLoadError(f"{folder / CONFIG_NAME} was written by peftvision "
+                               f"{config.get('peftvision_version')} and cannot be used here: {exc}. "
+                               "If it names a method this version lacks: pip install -U peftvision") from exc
     try:
         apply(model, methods, train_head=config.get("train_head", True))
     except Exception as exc:

@@ -26,6 +26,10 @@ class UnsupportedArchitectureError(PeftVisionError, ValueError):
     """The method does not support this model architecture."""
 
 
+class NotAppliedError(PeftVisionError, ValueError):
+    """The operation needs a model that peftvision.apply has changed."""
+
+
 class MergeError(PeftVisionError, RuntimeError):
     """The applied adapters cannot be merged (or unmerged)."""
 

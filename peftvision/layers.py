@@ -53,20 +53,29 @@ class AdapterLayer(Adapter):
         return False
 
     # -- shared merge / unmerge ------------------------------------------------------------------
+    def merge_blocker(self) -> str:
+        """Why this layer cannot merge, or '' when it can."""
+        if not self.mergeable:
+            return f"{self.method_name or type(self).__name__} ({self.why_not_mergeable})"
+        layer = self.weighted_layer
+        if getattr(layer, "weight", None) is None:
+            return (f"{self.method_name or type(self).__name__} into {type(layer).__name__} (the layer "
+                    "has no weight to fold it into, e.g. a norm without affine)")
+        return ""
+
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
-        if not self.mergeable:
-            raise MergeError(f"{type(self).__name__} cannot be merged: {self.why_not_mergeable}")
+        blocker = self.merge_blocker()
+        if blocker:
+            raise MergeError(f"cannot merge {blocker}")
         layer = self.weighted_layer
-        if getattr(layer, "weight", None) is None:
-            raise MergeError(f"cannot merge {type(self).__name__} into {type(layer).__name__}: "
-                             "the layer has no weight to fold it into (e.g. a norm without affine)")
         bias = layer.bias
         created_bias = bias is None and self.needs_bias_to_merge()
-        if created_bias:
-            bias = torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+        if created_bias:  # a LayerNorm's bias has its weight's shape; others one value per output
+            shape = layer.weight.shape if isinstance(layer, nn.LayerNorm) else layer.weight.shape[:1]
+            bias = layer.weight.new_zeros(shape)
         weight, new_bias = self.merged_weight_and_bias(layer.weight, bias)
         layer.weight.copy_(weight)
         if created_bias:

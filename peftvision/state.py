@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from torch import nn
 
+from .errors import NotAppliedError
 from .layers import Adapter, AdapterLayer
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ def get_state(model: nn.Module) -> PeftState | None:
 def require_state(model: nn.Module, action: str) -> PeftState:
     state = get_state(model)
     if state is None:
-        raise ValueError(f"cannot {action}: no peftvision method was applied to this "
+        raise NotAppliedError(f"cannot {action}: no peftvision method was applied to this "
                          f"{type(model).__name__}; call peftvision.apply(model, ...) first")
     return state
 
@@ -61,8 +62,9 @@ def iter_parameters(model: nn.Module) -> Iterator[ParamEntry]:
             if child is None:
                 continue
             if isinstance(module, AdapterLayer) and cname == "base_layer":
-                # the wrapped user layer: its parameters keep the wrapper's canonical name
-                yield from walk(child, _join(name, cname), canonical, None)
+                # the wrapped layer (the user's, or a nested adapter) keeps the wrapper's canonical name
+                owner = child if isinstance(child, Adapter) else None
+                yield from walk(child, _join(name, cname), canonical, owner)
             elif isinstance(child, Adapter):
                 yield from walk(child, _join(name, cname), _join(canonical, cname), child)
             else:
@@ -91,7 +93,8 @@ def iter_buffers(model: nn.Module) -> Iterator[BufferEntry]:
             if child is None:
                 continue
             if isinstance(module, AdapterLayer) and cname == "base_layer":
-                yield from walk(child, _join(name, cname), canonical, None)
+                owner = child if isinstance(child, Adapter) else None
+                yield from walk(child, _join(name, cname), canonical, owner)
             else:
                 owner = child if isinstance(child, Adapter) else adapter
                 yield from walk(child, _join(name, cname), _join(canonical, cname), owner)

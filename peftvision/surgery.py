@@ -14,9 +14,30 @@ from .layers import AdapterLayer
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """(parent module, attribute name) of the submodule at dotted `name`."""
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
+    """(module that holds it, attribute name) of the submodule at canonical dotted `name`.
+
+    Canonical names are the user's names: a wrapper sits where its layer sat, so a path such as
+    "blocks.0.attn.qkv" still resolves when "blocks.0" has been wrapped."""
+    parent = model
+    *path, child = name.split(".")
+    for part in path:
+        parent = _holder(parent, part)._modules[part]
+    return _holder(parent, child), child
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The module (outermost wrapper, if wrapped) at canonical dotted `name`."""
+    parent, child = get_submodule_parent(model, name)
+    return parent._modules[child]
+
+
+def _holder(module: nn.Module, child: str) -> nn.Module:
+    """`module`, or the wrapped layer inside it that has `child` (looking through adapters)."""
+    while child not in module._modules and isinstance(module, AdapterLayer):
+        module = module.base_layer
+    if child not in module._modules:
+        raise AttributeError(f"{type(module).__name__} has no submodule {child!r}")
+    return module
 
 
 class Journal:
@@ -43,11 +64,19 @@ def replace_module(model: nn.Module, name: str, new: nn.Module, journal: Journal
 
 
 def wrap_module(model: nn.Module, name: str, wrapper_factory: Callable[[nn.Module], AdapterLayer],
-                journal: Journal | None = None) -> AdapterLayer:
-    """Wrap the module found at `name` (the outermost wrapper, if already wrapped)."""
+                journal: Journal | None = None, innermost: bool = False) -> AdapterLayer:
+    """Wrap the module at `name`: outside any adapters already there (methods nest in the order
+    they were applied), or, with `innermost`, directly around the user's layer (for wrappers
+    that re-run the layer's own submodules, such as AdaptFormer's block)."""
     parent, child = get_submodule_parent(model, name)
+    if innermost:
+        while isinstance(getattr(parent, child), AdapterLayer):
+            parent, child = getattr(parent, child), "base_layer"
     wrapper = wrapper_factory(getattr(parent, child))
-    replace_module(model, name, wrapper, journal)
+    old = getattr(parent, child)
+    setattr(parent, child, wrapper)
+    if journal is not None:
+        journal.record(lambda: setattr(parent, child, old))
     return wrapper
 
 

@@ -73,6 +73,22 @@ def iter_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk(model, "")
 
 
+def check_target_spec(method: str, spec: object) -> None:
+    """Raise TargetError unless `spec` is None, a regex string, a module type, or a sequence of
+    names and types."""
+    if spec is None or isinstance(spec, (str, type)):
+        if isinstance(spec, str):
+            try:
+                re.compile(spec)
+            except re.error as exc:
+                raise TargetError(f"{method}: targets {spec!r} is not a valid regular expression ({exc})") from exc
+        return
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, (str, type)) for s in spec):
+        return
+    raise TargetError(f"{method}: targets must be None, a regex string, or a non-empty list of module "
+                      f"names and/or nn.Module types, got {spec!r}")
+
+
 def _name_matcher(spec: TargetSpec) -> Callable[[str, nn.Module], bool]:
     if isinstance(spec, str):
         pattern = re.compile(spec)
@@ -132,6 +148,10 @@ def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     if get_classifier is None:
         return []
     head = get_classifier()
+    from .layers import AdapterLayer
+
+    if isinstance(head, AdapterLayer):  # e.g. TSA's pre-classifier alignment wraps the head
+        head = head.weighted_layer
     if head is None or not any(True for _ in head.parameters()):
         return []
     return [(name, module) for name, module in iter_base_modules(model) if module is head]

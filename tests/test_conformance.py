@@ -15,68 +15,119 @@ from peftvision.state import iter_parameters
 
 R = 4  # LoRA rank used in the matrix
 
+# name in the matrix -> what apply() gets
+SPECS = {
+    "full": "full", "linear": "linear", "bias": "bias", "batchnorm": "batchnorm",
+    "layernorm": "layernorm", "norm": "norm", "attention": "attention",
+    "lora": pv.config("lora", r=R), "ssf": "ssf", "tsa": "tsa",
+    "tsa+alignment": pv.config("tsa", alignment=True), "adaptformer": "adaptformer",
+    "vpt-shallow": pv.config("vpt", mode="shallow"), "vpt-deep": pv.config("vpt", mode="deep"),
+    "lora+bias": [pv.config("lora", r=R), "bias"],
+    "ssf+batchnorm": ["ssf", "batchnorm"],
+    "bias+norm+attention": ["bias", "norm", "attention"],
+    "lora+ssf": [pv.config("lora", r=R), "ssf"],  # two wrappers nest on the same qkv
+    "lora+tsa": [pv.config("lora", r=R), "tsa"],  # two wrappers nest on the same convs
+    "vpt+adaptformer": ["vpt", "adaptformer"],
+    "adaptformer+lora": ["adaptformer", pv.config("lora", r=R)],
+}
 SUPPORTED = {
-    "vit": ["full", "linear", "bias", "layernorm", "norm", "attention", "lora", "ssf"],
-    "resnet": ["full", "linear", "bias", "batchnorm", "norm", "lora", "ssf"],
-    "unet": ["full", "bias", "layernorm", "norm", "attention", "lora"],
+    "vit": ["full", "linear", "bias", "layernorm", "norm", "attention", "lora", "ssf", "adaptformer",
+            "vpt-shallow", "vpt-deep", "lora+bias", "bias+norm+attention", "lora+ssf",
+            "vpt+adaptformer", "adaptformer+lora"],
+    "resnet": ["full", "linear", "bias", "batchnorm", "norm", "lora", "ssf", "tsa", "tsa+alignment",
+               "lora+bias", "ssf+batchnorm", "lora+tsa"],
+    "unet": ["full", "bias", "layernorm", "norm", "attention", "lora", "lora+bias",
+             "bias+norm+attention"],
 }
 UNSUPPORTED = [("vit", "batchnorm"), ("resnet", "layernorm"), ("resnet", "attention"),
-               ("unet", "linear"), ("unet", "batchnorm"), ("unet", "ssf")]
-NOT_IDENTITY_AT_INIT = {"ssf"}  # SSF's paper initialises γ ~ N(1, .02), β ~ N(0, .02)
+               ("unet", "linear"), ("unet", "batchnorm"), ("unet", "ssf"), ("vit", "tsa"),
+               ("unet", "tsa"), ("resnet", "adaptformer"), ("unet", "adaptformer"),
+               ("resnet", "vpt"), ("unet", "vpt")]
+# SSF's paper initialises γ ~ N(1, .02), β ~ N(0, .02); VPT's prompts are extra tokens from the start
+NOT_IDENTITY_AT_INIT = {"ssf", "vpt-shallow", "vpt-deep", "lora+ssf", "ssf+batchnorm",
+                        "vpt+adaptformer"}
+NOT_MERGEABLE = {"adaptformer", "vpt-shallow", "vpt-deep", "vpt+adaptformer", "adaptformer+lora"}
 CASES = [(arch, method) for arch, ms in SUPPORTED.items() for method in ms]
-CFG = {"lora": {"r": R}}
 
 
 def applied(arch: str, method: str, seed: int = 0) -> nn.Module:
-    return pv.apply(make_model(arch, seed), method, **CFG.get(method, {}))
+    return pv.apply(make_model(arch, seed), copy.deepcopy(SPECS[method]))
 
 
 # ---- documented trainable-parameter formulas, computed independently of the library ---------
 
-def _numel(model, keep) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if keep(n))
+def _names(model, keep) -> set[str]:
+    return {n for n, _ in model.named_parameters() if keep(n)}
 
 
-def _modules(model, types):
-    return [m for m in model.modules() if isinstance(m, types)]
+def _module_params(model, types) -> set[str]:
+    return {f"{mn}.{pn}" for mn, m in model.named_modules() if isinstance(m, types)
+            for pn, _ in m.named_parameters()}
 
 
-def expected_trainable(arch: str, method: str, base: nn.Module) -> int:
-    head = _numel(base, lambda n: n.startswith("head.") or n.startswith("fc.")) if arch != "unet" else 0
-    norms = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+def selected_names(arch: str, method: str, base: nn.Module) -> set[str]:
+    """Base parameters a selective method trains (the head is counted separately)."""
+    in_head = ("head.", "fc.")
     if method == "full":
-        return _numel(base, lambda n: True)
-    if method == "linear":
-        return head
+        return _names(base, lambda n: not n.startswith(in_head))
     if method == "bias":
-        return head + _numel(base, lambda n: n.endswith(".bias") and not n.startswith(("head.", "fc.")))
-    if method in ("batchnorm", "layernorm", "norm"):
-        types = {"batchnorm": nn.modules.batchnorm._BatchNorm, "layernorm": nn.LayerNorm,
-                 "norm": norms}[method]
-        return head + sum(p.numel() for m in _modules(base, types) for p in m.parameters())
+        return _names(base, lambda n: n.endswith(".bias") and not n.startswith(in_head))
+    if method == "batchnorm":
+        return _module_params(base, nn.modules.batchnorm._BatchNorm)
+    if method == "layernorm":
+        return _module_params(base, nn.LayerNorm)
+    if method == "norm":
+        return _module_params(base, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
     if method == "attention":
         key = ".attn." if arch == "vit" else "attentions."
-        return head + _numel(base, lambda n: key in n)
+        return _names(base, lambda n: key in n)
+    return set()
+
+
+def adapter_count(arch: str, method: str, base: nn.Module) -> int:
+    """Parameters an additive method adds."""
     if method == "lora":
         if arch == "vit":  # fused qkv: A (r, D) + B (3D, r) per block
-            return head + sum(R * (b.attn.qkv.in_features + b.attn.qkv.out_features) for b in base.blocks)
+            return sum(R * (b.attn.qkv.in_features + b.attn.qkv.out_features) for b in base.blocks)
         if arch == "resnet":  # conv1..conv3 of each block: A (r, in, k, k) + B (out, r, 1, 1)
-            convs = [m for stage in (base.layer1, base.layer2, base.layer3, base.layer4)
-                     for block in stage for name, m in block.named_children() if name.startswith("conv")]
-            return head + sum(R * c.in_channels * c.kernel_size[0] * c.kernel_size[1] + c.out_channels * R
-                              for c in convs)
+            return sum(R * c.in_channels * c.kernel_size[0] * c.kernel_size[1] + c.out_channels * R
+                       for c in _block_convs(base))
         linears = [m for n, m in base.named_modules()
                    if n.endswith(("to_q", "to_k", "to_v", "to_out.0")) and isinstance(m, nn.Linear)]
         return sum(R * (m.in_features + m.out_features) for m in linears)
     if method == "ssf":  # γ and β per output channel of each site
         if arch == "resnet":
-            return head + sum(2 * m.num_features for m in _modules(base, nn.BatchNorm2d))
+            return sum(2 * m.num_features for m in base.modules() if isinstance(m, nn.BatchNorm2d))
         sites = [base.patch_embed.proj.out_channels, base.norm.normalized_shape[0]]
         for b in base.blocks:
             sites += [b.norm1.normalized_shape[0], b.attn.qkv.out_features, b.attn.proj.out_features,
                       b.norm2.normalized_shape[0], b.mlp.fc1.out_features, b.mlp.fc2.out_features]
-        return head + 2 * sum(sites)
-    raise AssertionError(method)
+        return 2 * sum(sites)
+    if method in ("tsa", "tsa+alignment"):  # α: C_out x C_in per block conv (+ β: F x F)
+        alpha = sum(c.out_channels * c.in_channels for c in _block_convs(base))
+        return alpha + (base.fc.in_features ** 2 if method == "tsa+alignment" else 0)
+    if method == "adaptformer":  # down (D->64, bias) + up (64->D, bias) per block
+        return sum(2 * 64 * b.norm2.normalized_shape[0] + 64 + b.norm2.normalized_shape[0]
+                   for b in base.blocks)
+    if method == "vpt-shallow":
+        return 5 * base.embed_dim
+    if method in ("vpt-deep", "vpt"):  # deep is the default mode
+        return 10 * base.embed_dim * len(base.blocks)
+    return 0
+
+
+def _block_convs(base):
+    return [m for stage in (base.layer1, base.layer2, base.layer3, base.layer4)
+            for block in stage for name, m in block.named_children() if name.startswith("conv")]
+
+
+def expected_trainable(arch: str, method: str, base: nn.Module) -> int:
+    parts = method.split("+") if isinstance(SPECS[method], list) else [method]
+    params = dict(base.named_parameters())
+    head = set() if arch == "unet" else _names(base, lambda n: n.startswith(("head.", "fc.")))
+    selected = set().union(*(selected_names(arch, p, base) for p in parts))
+    return (sum(params[n].numel() for n in selected | head)
+            + sum(adapter_count(arch, p, base) for p in parts))
 
 
 def randomize_adapters(model: nn.Module, scale: float = 0.1) -> None:
@@ -85,7 +136,10 @@ def randomize_adapters(model: nn.Module, scale: float = 0.1) -> None:
     with torch.no_grad():
         for e in iter_parameters(model):
             if e.adapter is not None:
-                e.param.add_(torch.randn(e.param.shape, generator=g) * scale)
+                noise = torch.randn(e.param.shape, generator=g) * scale
+                if e.name.endswith("tsa_beta"):  # keep the F x F alignment well conditioned
+                    noise /= e.param.shape[0] ** 0.5
+                e.param.add_(noise)
 
 
 def outputs(model: nn.Module, arch: str) -> torch.Tensor:
@@ -104,11 +158,12 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, atol: float = 1e
 def test_identity_at_init(arch, method):
     base = make_model(arch)
     y0 = outputs(base, arch)
-    y1 = outputs(pv.apply(base, method, **CFG.get(method, {})), arch)
+    y1 = outputs(pv.apply(base, copy.deepcopy(SPECS[method])), arch)
     if method in NOT_IDENTITY_AT_INIT:
-        assert not torch.equal(y0, y1)  # the paper's random init; with zero spread it is exact:
-        exact = outputs(pv.apply(make_model(arch), method, init_std=0.0), arch)
-        assert close(y0, exact), (exact - y0).abs().max()
+        assert not torch.equal(y0, y1)
+        if method == "ssf":  # the paper's random init; with zero spread it is exact
+            exact = outputs(pv.apply(make_model(arch), "ssf", init_std=0.0), arch)
+            assert close(y0, exact), (exact - y0).abs().max()
     else:
         # the conv-bias fast path adds the bias after the conv: fp32 rounding only
         assert close(y0, y1, rtol=1e-5, atol=1e-5), (y1 - y0).abs().max()
@@ -118,7 +173,7 @@ def test_identity_at_init(arch, method):
 def test_trainable_set_and_count(arch, method):
     base = make_model(arch)
     expected = expected_trainable(arch, method, base)
-    model = pv.apply(copy.deepcopy(base), method, **CFG.get(method, {}))
+    model = pv.apply(copy.deepcopy(base), copy.deepcopy(SPECS[method]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == expected
     rep = pv.report(model)
@@ -152,6 +207,14 @@ def test_training_step_changes_only_trainable(arch, method):
 @pytest.mark.parametrize("arch,method", CASES)
 def test_merge_unmerge_roundtrip(arch, method):
     model = applied(arch, method)
+    if method in NOT_MERGEABLE:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(pv.MergeError, match="cannot merge"):
+            pv.merge(model)
+        with pytest.raises(pv.MergeError, match="merge=False"):
+            pv.unload(model, merge=True)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        return
     randomize_adapters(model)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     unmerged = outputs(model, arch)
@@ -186,7 +249,7 @@ def test_unload_restores_original_exactly(arch, method):
     original = {k: v.clone() for k, v in base.state_dict().items()}
     types = [type(m) for m in base.modules()]
     flags = [p.requires_grad for p in base.parameters()]
-    model = pv.unload(pv.apply(base, method, **CFG.get(method, {})))
+    model = pv.unload(pv.apply(base, copy.deepcopy(SPECS[method])))
     state = model.state_dict()
     assert state.keys() == original.keys()
     assert all(torch.equal(state[k], original[k]) for k in original)
@@ -197,6 +260,8 @@ def test_unload_restores_original_exactly(arch, method):
 
 @pytest.mark.parametrize("arch,method", CASES)
 def test_unload_merged_is_plain_model_with_same_outputs(arch, method):
+    if method in NOT_MERGEABLE:
+        pytest.skip("not mergeable: test_merge_unmerge_roundtrip checks the refusal")
     model = applied(arch, method)
     randomize_adapters(model)
     y = outputs(model, arch)
@@ -217,6 +282,7 @@ def test_methods_table_matches_matrix():
     info = pv.methods()
     for arch, names in SUPPORTED.items():
         for name in names:
-            assert arch in info[name].architectures
+            for part in (name.split("+") if name != "tsa+alignment" else ["tsa"]):
+                assert arch in info[part.split("-")[0]].architectures
     for arch, name in UNSUPPORTED:
         assert arch not in info[name].architectures

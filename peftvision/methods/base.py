@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -14,7 +15,7 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdapterLayer
 from ..state import PeftState
 from ..surgery import Journal, wrap_module
-from ..targets import ARCHITECTURES, TargetSpec, find_targets
+from ..targets import ARCHITECTURES, TargetSpec, check_target_spec, find_targets
 
 
 @dataclass
@@ -30,6 +31,8 @@ class Method:
     paper: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        if hasattr(self, "targets"):
+            check_target_spec(self.name, self.targets)
         self.validate()
 
     def validate(self) -> None:
@@ -57,6 +60,23 @@ class Method:
                           cls.summary, cls.paper)
 
 
+def positive_int(method: str, field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{method}: {field} must be a positive integer, got {value!r}")
+    return value
+
+
+def number_in(method: str, field: str, value: Any, low: float, high: float, *,
+              high_open: bool = False, low_open: bool = False) -> float:
+    """A real number in [low, high] (ends excluded where *_open); raises ConfigError otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{method}: {field} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
 def make_config(cls: type[Method], **cfg: Any) -> Method:
     """Build a config, turning unknown keyword arguments into a ConfigError that lists the valid ones."""
     valid = {f.name for f in dataclasses.fields(cls)}
@@ -77,8 +97,14 @@ def _encode(value: Any) -> Any:
 
 def _decode(value: Any) -> Any:
     if isinstance(value, dict) and set(value) == {"type"}:
-        module_name, _, qualname = value["type"].rpartition(".")
-        return getattr(importlib.import_module(module_name), qualname)
+        # Resolve module types only from modules already imported (the model's own classes are):
+        # a config file must never make us import, and so run, arbitrary code.
+        module_name, _, qualname = str(value["type"]).rpartition(".")
+        cls = getattr(sys.modules.get(module_name), qualname, None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise ConfigError(f"targets name the module type {value['type']!r}, which is not an "
+                              "imported nn.Module class; import the package that defines it first")
+        return cls
     if isinstance(value, list):
         return [_decode(v) for v in value]
     return value
@@ -116,8 +142,9 @@ class ApplyContext:
                 count += param.numel()
         return count
 
-    def wrap(self, method: Method, name: str, factory: Callable[[nn.Module], AdapterLayer]) -> AdapterLayer:
-        layer = wrap_module(self.model, name, factory, self.journal)
+    def wrap(self, method: Method, name: str, factory: Callable[[nn.Module], AdapterLayer],
+             innermost: bool = False) -> AdapterLayer:
+        layer = wrap_module(self.model, name, factory, self.journal, innermost)
         layer.method_name = method.name
         return layer
 

@@ -27,7 +27,7 @@ from ..targets import (
     VIT_QKV,
     TargetSpec,
 )
-from .base import ApplyContext, Method
+from .base import ApplyContext, Method, number_in, positive_int
 
 QKV = "qkv"
 
@@ -160,13 +160,13 @@ class LoRA(Method):
     paper: ClassVar[str] = "Hu et al., ICLR 2022"
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"lora: r must be a positive integer, got {self.r!r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise ConfigError(f"lora: alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora: dropout must be in [0, 1), got {self.dropout!r}")
+        positive_int(self.name, "r", self.r)
+        if self.alpha is not None:
+            number_in(self.name, "alpha", self.alpha, 0, math.inf, low_open=True, high_open=True)
+        number_in(self.name, "dropout", self.dropout, 0, 1, high_open=True)
         if self.qkv_parts is not None:
+            if not isinstance(self.qkv_parts, str):
+                raise ConfigError(f"lora: qkv_parts must be a string such as 'qv', got {self.qkv_parts!r}")
             parts = self.qkv_parts.lower().replace(",", "")
             if not parts or any(p not in QKV for p in parts) or len(set(parts)) != len(parts):
                 raise ConfigError(f"lora: qkv_parts must be a non-empty subset of 'qkv' such as 'qv', "

@@ -13,11 +13,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 from ..layers import AdapterLayer
 from ..registry import register_method
 from ..targets import GENERIC, RESNET, VIT, VIT_SSF, TargetSpec, _loaded_class
-from .base import ApplyContext, Method
+from .base import ApplyContext, Method, number_in
 
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                   nn.modules.instancenorm._InstanceNorm)
@@ -68,13 +68,17 @@ class SSFLayer(AdapterLayer):
     def needs_bias_to_merge(self) -> bool:
         return True
 
+    def _weight_scale(self, weight: Tensor) -> Tensor:
+        """γ shaped to scale `weight` per output channel."""
+        if isinstance(self.weighted_layer, nn.LayerNorm) or weight.dim() == 1:
+            return self.ssf_scale  # norm weights: channels are the last axis
+        return self._view(self.ssf_scale, weight.dim(), 0)  # Linear/Conv: output channels are dim 0
+
     def merged_weight_and_bias(self, weight, bias):
-        scale = self._view(self.ssf_scale, weight.dim(), 0)  # output channels are dim 0 of a weight
-        return weight * scale, bias * self.ssf_scale + self.ssf_shift
+        return weight * self._weight_scale(weight), bias * self.ssf_scale + self.ssf_shift
 
     def unmerged_weight_and_bias(self, weight, bias):
-        scale = self._view(self.ssf_scale, weight.dim(), 0)
-        return weight / scale, (bias - self.ssf_shift) / self.ssf_scale
+        return weight / self._weight_scale(weight), (bias - self.ssf_shift) / self.ssf_scale
 
 
 @register_method
@@ -92,8 +96,7 @@ class SSF(Method):
     paper: ClassVar[str] = "Lian et al., NeurIPS 2022"
 
     def validate(self) -> None:
-        if not self.init_std >= 0:
-            raise ConfigError(f"ssf: init_std must be >= 0, got {self.init_std!r}")
+        number_in(self.name, "init_std", self.init_std, 0, 1)
 
     def default_targets(self, ctx: ApplyContext) -> TargetSpec:
         if ctx.architecture == VIT:

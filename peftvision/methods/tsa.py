@@ -1,0 +1,113 @@
+"""TSA (Li et al., CVPR 2022, task-specific adapters) for ResNets.
+
+A parallel 1x1 conv α (C_out x C_in, with the conv's stride) beside every conv that is a direct
+child of a residual block: y = conv(x) + conv1x1(x, α). α starts at zero, so the model starts as
+the base model (the reference uses 1e-4; since ∂y/∂α does not depend on α, both train alike).
+Optionally a pre-classifier alignment β (features x features, identity init): logits = W·(β·f).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MergeError, UnsupportedArchitectureError
+from ..layers import AdapterLayer, AdditiveDeltaLayer
+from ..registry import register_method
+from ..surgery import get_module
+from ..targets import GENERIC, RESNET, RESNET_BLOCK_CONVS, TargetSpec
+from .base import ApplyContext, Method
+
+
+def centre_tap_mergeable(conv: nn.Conv2d) -> str:
+    """'' when a stride-matched 1x1 conv equals this conv's centre tap, else why not."""
+    k, p, d = conv.kernel_size, conv.padding, conv.dilation
+    if conv.groups != 1:
+        return f"the conv has groups={conv.groups}; α is a full C_out x C_in matrix"
+    if isinstance(p, str):
+        return f"padding={p!r}"
+    if any(ki % 2 == 0 for ki in k):
+        return f"even kernel {tuple(k)} has no centre tap"
+    if any(pi != di * (ki - 1) // 2 for ki, pi, di in zip(k, p, d)):
+        return f"padding {tuple(p)} does not centre kernel {tuple(k)} (dilation {tuple(d)})"
+    return ""
+
+
+class TSAConv(AdditiveDeltaLayer):
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        conv = self.weighted_layer  # (C_out, C_in, k, k)
+        self.tsa_alpha = nn.Parameter(torch.zeros(conv.out_channels, conv.in_channels, 1, 1,
+                                                  dtype=conv.weight.dtype, device=conv.weight.device))
+        self.why_not_mergeable = centre_tap_mergeable(conv)
+        self.mergeable = not self.why_not_mergeable
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)  # (B, C_out, H', W')
+        if self.merged:
+            return out
+        return out + F.conv2d(x, self.tsa_alpha, stride=self.weighted_layer.stride)
+
+    def delta_weight(self) -> Tensor:
+        conv = self.weighted_layer
+        kh, kw = conv.kernel_size
+        delta = self.tsa_alpha.new_zeros(conv.weight.shape)  # (C_out, C_in, kh, kw)
+        delta[:, :, kh // 2, kw // 2] = self.tsa_alpha[:, :, 0, 0]
+        return delta
+
+
+class TSAAlignment(AdapterLayer):
+    """β before the classifier: head(β·f). Merges into the head: W' = W·β."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        head = self.weighted_layer  # (classes, features)
+        self.tsa_beta = nn.Parameter(torch.eye(head.in_features, dtype=head.weight.dtype,
+                                               device=head.weight.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        return self.base_layer(F.linear(x, self.tsa_beta))  # (B, features) -> (B, classes)
+
+    def merged_weight_and_bias(self, weight, bias):
+        return weight @ self.tsa_beta, None
+
+    def unmerged_weight_and_bias(self, weight, bias):
+        try:  # W = W'·β⁻¹, solved as βᵀ·Wᵀ = W'ᵀ
+            return torch.linalg.solve(self.tsa_beta.T, weight.T).T, None
+        except RuntimeError as exc:
+            raise MergeError("cannot unmerge TSA's alignment: β is singular") from exc
+
+
+@register_method
+@dataclass
+class TSA(Method):
+    """Task-specific adapters: parallel 1x1 convs in every residual block."""
+
+    targets: TargetSpec = None
+    alignment: bool = False  # the pre-classifier β (features² parameters)
+
+    name: ClassVar[str] = "tsa"
+    kind: ClassVar[str] = "additive"
+    architectures: ClassVar = (RESNET, GENERIC)
+    summary: ClassVar[str] = "parallel 1x1 conv α beside each residual-block conv (+ optional β)"
+    paper: ClassVar[str] = "Li et al., CVPR 2022"
+
+    def apply_to(self, ctx: ApplyContext) -> None:
+        ctx.require_architecture(self)
+        if self.targets is None and ctx.architecture != RESNET:
+            raise UnsupportedArchitectureError("tsa on a generic model needs targets=[...] naming its convs")
+        spec = self.targets if self.targets is not None else RESNET_BLOCK_CONVS
+        for name, _conv in ctx.find(self, spec, allowed=(nn.Conv2d,)):
+            ctx.wrap(self, name, TSAConv)
+        if self.alignment:
+            heads = [n for n in ctx.head_modules if isinstance(get_module(ctx.model, n), nn.Linear)]
+            if not heads:
+                raise UnsupportedArchitectureError("tsa alignment=True needs a Linear classifier head")
+            for name in heads:
+                ctx.wrap(self, name, TSAAlignment)
