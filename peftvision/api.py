@@ -48,6 +48,21 @@ def resolve_methods(method: MethodSpec | Sequence[MethodSpec], cfg: dict[str, An
     return resolved
 
 
+# Methods that define the whole trainable set and so combine with nothing else.
+STANDALONE = {
+    "linear": "linear probing trains only the head, which every method already keeps trainable; "
+              "drop 'linear'",
+    "full": "full fine-tuning already trains every parameter; use 'full' alone",
+}
+
+
+def check_combination(names: list[str]) -> None:
+    for name, why in STANDALONE.items():
+        if name in names and len(names) > 1:
+            others = [n for n in names if n != name]
+            raise ConfigError(f"{name!r} cannot be combined with {others}: {why}")
+
+
 def config(name: str, **cfg: Any) -> Method:
     """A validated config object for method `name`, e.g. config("lora", r=16)."""
     return make_config(get_method(name), **cfg)
@@ -76,6 +91,7 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
         again = [m.name for m in methods if m.name in applied]
         if again:
             raise ConfigError(f"method(s) {again} are already applied to this model")
+    check_combination([m.name for m in (previous.methods if previous else [])] + [m.name for m in methods])
     state = copy.deepcopy(previous) if previous is not None else PeftState(
         architecture=detect_architecture(model),
         base_identity=base_identity(model),

@@ -277,3 +277,14 @@ def test_actions_on_a_model_with_nothing_applied(action, tmp_path):
     assert not out.exists()
     with pytest.raises(PeftVisionError):
         call()
+
+
+@pytest.mark.parametrize("methods", [["linear", "lora"], ["full", "bias"], ["bias", "linear"]])
+def test_standalone_methods_do_not_combine(methods):
+    fails(fresh("vit"), ConfigError, "cannot be combined", method=methods)
+
+
+def test_standalone_method_after_another_apply():
+    model = pv.apply(fresh("vit"), "lora")
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        pv.apply(model, "full")
