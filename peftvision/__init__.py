@@ -15,12 +15,13 @@ from .errors import (
                      UnknownMethodError,
                      UnsupportedArchitectureError,
 )
+from .hub import push_to_hub
 from .registry import get_method, methods, register_method
 from .report import Report, report
 
 __all__ = [
     "__version__", "apply", "config", "merge", "unmerge", "unload", "report", "Report",
-    "save_adapter", "load_adapter", "methods", "get_method", "register_method",
+    "save_adapter", "load_adapter", "push_to_hub", "methods", "get_method", "register_method",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
     "UnsupportedArchitectureError", "MergeError", "NotAppliedError", "AdapterLoadError", "CorruptAdapterError",
 ]

@@ -1,4 +1,4 @@
-"""The model card (README.md) written next to a saved adapter."""
+"""The model card (README.md with YAML metadata) written next to a saved adapter."""
 
 from __future__ import annotations
 
@@ -7,32 +7,47 @@ import json
 from .report import Report
 
 
-def model_card(config: dict, report: Report, tags: list[str] | None = None) -> str:
+def _usage(base: dict, architecture: str) -> str:
+    name = base.get("name")
+    if architecture in ("vit", "resnet") and name:
+        build = f'import timm\nmodel = timm.create_model("{name}", pretrained=True, num_classes=...)'
+    elif architecture == "unet" and name:
+        build = ("from diffusers import UNet2DConditionModel\n"
+                 f'model = UNet2DConditionModel.from_pretrained("{name}", subfolder="unet")')
+    else:
+        build = f"model = ...  # the base model: {base['class']}"
+    return f"{build}\nimport peftvision as pv\npv.load_adapter(model, \"<this repo id or folder>\")"
+
+
+def model_card(config: dict, report: Report, tags: list[str] | None = None,
+               metrics: dict[str, float] | None = None) -> str:
     base = config["base_model"]
     base_name = base.get("name") or base["class"]
     methods = [m["name"] for m in config["methods"]]
-    all_tags = ["peftvision", "peft", *methods, *(tags or [])]
-    front = ["---", "library_name: peftvision", f"base_model: {json.dumps(base_name)}", "tags:"]
-    front += [f"- {t}" for t in dict.fromkeys(all_tags)]
-    front.append("---")
-    body = f"""
-# {base_name} + {' + '.join(methods)} (peftvision adapter)
+    all_tags = dict.fromkeys(["peftvision", "peft", *methods, *(tags or [])])
+    front = ["---", "library_name: peftvision"]
+    if base.get("name"):
+        front.append(f"base_model: {json.dumps(base['name'])}")
+    front += ["tags:", *(f"- {t}" for t in all_tags), "---"]
+    rows = [f"| trainable | {report.trainable:,} ({report.percent:.4f}%) |",
+            f"| total | {report.total:,} |",
+            *(f"| {k} | {v:,} |" for k, v in report.by_method.items())]
+    metric_rows = "".join(f"| {k} | {v:.4g} |\n" for k, v in (metrics or {}).items())
+    metric_table = f"\n## Metrics\n\n| metric | value |\n|---|---|\n{metric_rows}" if metrics else ""
+    return "\n".join(front) + f"""
 
-A parameter-efficient adapter for `{base_name}` ({base['class']}) made with
-[peftvision](https://pypi.org/project/peftvision/) {config['peftvision_version']}.
+# {base_name} + {' + '.join(methods)}
 
-| | parameters |
+A parameter-efficient adapter for `{base_name}` (`{base['class']}`), made with peftvision
+{config['peftvision_version']}. Only the trained tensors are stored.
+
+| parameters | count |
 |---|---|
-| trainable | {report.trainable:,} ({report.percent:.4f}%) |
-| total | {report.total:,} |
-{chr(10).join(f'| {k} | {v:,} |' for k, v in report.by_method.items())}
-
+{chr(10).join(rows)}
+{metric_table}
 ## Usage
 
 ```python
-import peftvision as pv
-model = ...  # build the base model `{base_name}` as you trained it
-pv.load_adapter(model, "path/or/hub-repo")
+{_usage(base, config.get('architecture', ''))}
 ```
 """
-    return "\n".join(front) + "\n" + body

@@ -69,8 +69,11 @@ def adapter_config(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool = True,
-                 tags: list[str] | None = None) -> Path:
-    """Save what was trained to `directory` (created if needed); returns the directory."""
+                 tags: list[str] | None = None, metrics: dict[str, float] | None = None) -> Path:
+    """Save what was trained to `directory` (created if needed); returns the directory.
+
+    Writes adapter_model.safetensors, adapter_config.json and (card=True) a README.md model
+    card with `tags` and `metrics`."""
     from safetensors.torch import save as safetensors_bytes
 
     from .card import model_card
@@ -91,7 +94,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
     _atomic_write(out / WEIGHTS_NAME, weights)
     _atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
     if card:
-        _atomic_write(out / CARD_NAME, model_card(config, report(model), tags).encode())
+        _atomic_write(out / CARD_NAME, model_card(config, report(model), tags, metrics).encode())
     return out
 
 
@@ -132,7 +135,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
     return config, tensors
 
 
-def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str | None = None) -> nn.Module:
+def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str | None = None,
+                 token: str | None = None) -> nn.Module:
     """Re-apply the recorded methods to a fresh base `model` and load the adapter strictly.
 
     `source` is a folder written by save_adapter or a Hugging Face Hub repo id. On any error
@@ -146,7 +150,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     if not folder.is_dir():
         from .hub import download_adapter
 
-        folder = download_adapter(str(source), revision=revision)
+        folder = download_adapter(str(source), revision=revision, token=token)
     config, tensors = read_adapter(folder)
     if getattr(model, "_peftvision_state", None) is not None:
         raise AdapterLoadError("load_adapter needs a fresh base model, but this one already has "

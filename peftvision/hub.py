@@ -1,15 +1,47 @@
-"""Hugging Face Hub transfer (huggingface_hub is imported lazily)."""
+"""Hugging Face Hub transfer. huggingface_hub is imported lazily, only when the Hub is used.
+
+push = save the adapter to a temporary folder + one `upload_folder` commit (with a model card);
+pull = `snapshot_download` of the adapter files (cache, token and HF_HUB_OFFLINE respected).
+"""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+
+from torch import nn
 
 from .errors import AdapterLoadError
 
+ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
 
-def download_adapter(repo_id: str, revision: str | None = None) -> Path:
+
+def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None,
+                revision: str | None = None, commit_message: str | None = None,
+                token: str | None = None, tags: list[str] | None = None,
+                metrics: dict[str, float] | None = None) -> str:
+    """Upload the model's adapter (weights, config, model card) to `repo_id` in one commit.
+
+    `tags` go into the card's metadata (e.g. ["medical-imaging"]); `metrics` (name -> value)
+    are listed in the card. Returns the URL of the commit."""
+    from huggingface_hub import HfApi
+
+    from .checkpoint import save_adapter
+
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="peftvision-push-") as folder:
+        save_adapter(model, folder, tags=tags, metrics=metrics)  # fails early, before any upload
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                 commit_message=commit_message or "Upload peftvision adapter")
+    return getattr(info, "commit_url", str(info))
+
+
+def download_adapter(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
     """Download (or find in the local cache) an adapter repo and return its folder."""
-    if repo_id.count("/") != 1:
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
         raise AdapterLoadError(f"{repo_id!r} is neither an existing folder nor a Hub repo id "
                                "of the form 'user/name'")
     from huggingface_hub import snapshot_download
@@ -17,15 +49,26 @@ def download_adapter(repo_id: str, revision: str | None = None) -> Path:
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
+    at = f" at revision {revision!r}" if revision else ""
     try:
-        return Path(snapshot_download(repo_id, revision=revision,
-                                      allow_patterns=["adapter_model.safetensors", "adapter_config.json"]))
+        folder = Path(snapshot_download(repo_id, revision=revision, token=token,
+                                        allow_patterns=ADAPTER_FILES, library_name="peftvision"))
     except RepositoryNotFoundError as exc:
-        raise AdapterLoadError(f"Hub repo {repo_id!r} not found (or private without a token)") from exc
+        raise AdapterLoadError(f"Hub repo {repo_id!r} not found (or private: log in with "
+                               "`hf auth login` or pass token=...)") from exc
+    except RevisionNotFoundError as exc:
+        raise AdapterLoadError(f"Hub repo {repo_id!r} has no revision {revision!r}") from exc
     except LocalEntryNotFoundError as exc:
-        raise AdapterLoadError(f"{repo_id!r} is not in the local Hub cache and the Hub cannot be "
-                               "reached (offline?); download it once online or pass a folder") from exc
+        raise AdapterLoadError(f"{repo_id!r}{at} is not in the local Hub cache and the Hub cannot "
+                               "be reached (offline, or HF_HUB_OFFLINE=1); download it once online "
+                               "or pass a local folder") from exc
     except HfHubHTTPError as exc:
-        raise AdapterLoadError(f"could not download {repo_id!r} from the Hub: {exc}") from exc
+        raise AdapterLoadError(f"could not download {repo_id!r}{at} from the Hub: {exc}") from exc
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise AdapterLoadError(f"Hub repo {repo_id!r}{at} holds no peftvision adapter "
+                               f"(missing {', '.join(missing)})")
+    return folder
