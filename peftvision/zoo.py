@@ -1,0 +1,55 @@
+"""Build base models by name, for the command line and the benchmarks.
+
+"NAME" or "timm:NAME"            a timm model (pretrained weights from the Hub, or a local file)
+"diffusers:ID_OR_DIR"            a diffusers UNet2DConditionModel (config or weights, `subfolder`)
+"sd15-unet"                      the Stable Diffusion 1.5 UNet configuration, built locally
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+# The SD-1.5 UNet: diffusers' UNet2DConditionModel defaults plus these (the v1-5 config.json).
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                 attention_head_dim=8, norm_num_groups=32)
+
+
+def create_model(spec: str, *, pretrained: bool = False, num_classes: int | None = None,
+                 weights: str | None = None, meta: bool = False) -> nn.Module:
+    """A base model from a name. `weights`: a local .safetensors/.pth file for timm models.
+    `meta=True` builds without allocating weights (for parameter counts)."""
+    import torch
+
+    if meta:
+        with torch.device("meta"):
+            return create_model(spec, pretrained=False, num_classes=num_classes)
+    if spec == "sd15-unet":
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel(**SD15_UNET)
+    if spec.startswith("diffusers:"):
+        return _diffusers_unet(spec.removeprefix("diffusers:"), pretrained)
+    import timm
+
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    if weights:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        pretrained = True
+    return timm.create_model(spec.removeprefix("timm:"), pretrained=pretrained, **kwargs)
+
+
+def _diffusers_unet(source: str, pretrained: bool) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    path = Path(source)
+    if path.suffix == ".json":  # a config file: architecture only
+        return UNet2DConditionModel.from_config(json.loads(path.read_text()))
+    subfolder = "unet" if (path / "unet").is_dir() or not path.exists() else None
+    if pretrained:
+        return UNet2DConditionModel.from_pretrained(source, subfolder=subfolder)
+    config = UNet2DConditionModel.load_config(source, subfolder=subfolder)
+    return UNet2DConditionModel.from_config(config)
