@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from .layers import AdapterLayer
@@ -98,7 +99,7 @@ def unwrap_all(model: nn.Module) -> None:
 
 def _decoupled_bias_forward(self: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     bias = self.bias
-    if bias is None or not bias.requires_grad or self.weight.requires_grad:
+    if bias is None or not (bias.requires_grad and torch.is_grad_enabled()) or self.weight.requires_grad:
         return self._conv_forward(x, self.weight, bias)
     out = self._conv_forward(x, self.weight, None)  # (B, C_out, *spatial)
     return out + bias.view(1, -1, *([1] * (out.dim() - 2)))

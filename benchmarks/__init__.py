@@ -1,0 +1,1 @@
+"""Benchmarks for peftvision (not packaged; run from a checkout with `python -m benchmarks...`)."""

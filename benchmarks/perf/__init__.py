@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (training-step time, peak RSS) of peftvision methods."""
