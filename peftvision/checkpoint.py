@@ -69,11 +69,17 @@ def adapter_config(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool = True,
-                 tags: list[str] | None = None, metrics: dict[str, float] | None = None) -> Path:
+                 tags: list[str] | None = None, metrics: dict[str, float] | None = None,
+                 format: str = "peftvision") -> Path:
     """Save what was trained to `directory` (created if needed); returns the directory.
 
     Writes adapter_model.safetensors, adapter_config.json and (card=True) a README.md model
-    card with `tags` and `metrics`."""
+    card with `tags` and `metrics`. format="peft" writes a LoRA adapter in Hugging Face peft's
+    layout instead (plus diffusers' pytorch_lora_weights.safetensors for a UNet)."""
+    if format == "peft":
+        return _save_peft(model, Path(directory))
+    if format != "peftvision":
+        raise ValueError(f"format must be 'peftvision' or 'peft', got {format!r}")
     from safetensors.torch import save as safetensors_bytes
 
     from .card import model_card
@@ -98,6 +104,22 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
     return out
 
 
+def _save_peft(model: nn.Module, out: Path) -> Path:
+    from safetensors.torch import save as safetensors_bytes
+
+    from .interop import DIFFUSERS_FILE, diffusers_metadata, peft_files
+
+    config, tensors, diffusers = peft_files(model)
+    out.mkdir(parents=True, exist_ok=True)
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_write(out / WEIGHTS_NAME, safetensors_bytes(cpu, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    if diffusers is not None:
+        cpu = {k: v.detach().cpu().contiguous() for k, v in diffusers.items()}
+        _atomic_write(out / DIFFUSERS_FILE, safetensors_bytes(cpu, metadata=diffusers_metadata(config)))
+    return out
+
+
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
     """Read and verify (config, tensors) from an adapter directory."""
     from safetensors.torch import load as safetensors_load
@@ -112,7 +134,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
                                    "written by peftvision.save_adapter")
     try:
         config = json.loads(config_path.read_text())
-        _ = config["methods"], config["base_model"]
+        if "peft_type" not in config:  # peft's LoRA layout is read through interop below
+            _ = config["methods"], config["base_model"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise CorruptAdapterError(f"{config_path} is corrupt or not a peftvision config ({exc}); "
                                   "re-save the adapter") from exc
@@ -132,6 +155,10 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
     except Exception as exc:  # safetensors raises its own error types
         raise CorruptAdapterError(f"{weights_path} is truncated or corrupt ({exc}); re-save or "
                                   "re-download the adapter") from exc
+    if "peft_type" in config:
+        from .interop import from_peft
+
+        return from_peft(config, tensors, folder)
     return config, tensors
 
 
@@ -157,7 +184,7 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
                                "peftvision methods applied; call peftvision.unload(model) first")
     saved_base = config["base_model"]
     this_base = base_identity(model)
-    other_base = saved_base.get("fingerprint") != this_base["fingerprint"]
+    other_base = saved_base.get("fingerprint") not in (None, this_base["fingerprint"])
     base_note = (f" The adapter was saved for {saved_base.get('name') or saved_base.get('class')} "
                  f"({saved_base.get('class')}); this model is {this_base['name'] or this_base['class']} "
                  f"({this_base['class']}) with different layers." if other_base else "")
@@ -173,6 +200,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
         raise AdapterLoadError(f"cannot re-apply {[m.name for m in methods]} to this model: {exc}."
                                f"{base_note}") from exc
     live = adapter_tensors(model)
+    if config.get("from_peft"):  # peft carries no BatchNorm statistics: keep the base model's
+        live = {k: v for k, v in live.items() if k in tensors or isinstance(v, nn.Parameter)}
     missing = sorted(set(live) - set(tensors))
     unexpected = sorted(set(tensors) - set(live))
     mismatched = sorted(f"{k}: saved {tuple(tensors[k].shape)}, model {tuple(live[k].shape)}"
