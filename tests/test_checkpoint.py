@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import stat
 import struct
 
 import pytest
@@ -418,3 +419,12 @@ def test_loaded_model_merges_and_unloads(vit_lora_dir):
     plain = pv.unload(copy.deepcopy(fresh), merge=True)
     assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
     torch.testing.assert_close(outputs(plain, "vit"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = pv.save_adapter(pv.apply(make_model("vit"), "bias"), tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
