@@ -1,0 +1,21 @@
+"""Every example runs offline in its tiny setting."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY_ARGS = {"quickstart.py": ["--epochs", "1", "--steps", "2"]}
+
+
+@pytest.mark.parametrize("script", sorted(TINY_ARGS))
+def test_example_runs(script, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(EXAMPLES / script), *TINY_ARGS[script],
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "all checks passed" in done.stdout
