@@ -38,6 +38,12 @@ class AdapterLayer(Adapter):
             layer = layer.base_layer
         return layer
 
+    @property
+    def merge_layer(self) -> nn.Module:
+        """The user layer whose weight and bias `merge` rewrites: the wrapped layer, unless the
+        adapter folds into another one (DiffFit's branch scale on `attn1` folds into `to_out.0`)."""
+        return self.weighted_layer
+
     # -- the two functions a mergeable adapter implements --------------------------------------
     def merged_weight_and_bias(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Base (weight, bias) -> the (weight, bias) that make the base layer alone compute the
@@ -57,7 +63,7 @@ class AdapterLayer(Adapter):
         """Why this layer cannot merge, or '' when it can."""
         if not self.mergeable:
             return f"{self.method_name or type(self).__name__} ({self.why_not_mergeable})"
-        layer = self.weighted_layer
+        layer = self.merge_layer
         if getattr(layer, "weight", None) is None:
             return (f"{self.method_name or type(self).__name__} into {type(layer).__name__} (the layer "
                     "has no weight to fold it into, e.g. a norm without affine)")
@@ -70,7 +76,7 @@ class AdapterLayer(Adapter):
         blocker = self.merge_blocker()
         if blocker:
             raise MergeError(f"cannot merge {blocker}")
-        layer = self.weighted_layer
+        layer = self.merge_layer
         bias = layer.bias
         created_bias = bias is None and self.needs_bias_to_merge()
         if created_bias:  # a LayerNorm's bias has its weight's shape; others one value per output
@@ -89,7 +95,7 @@ class AdapterLayer(Adapter):
     def unmerge(self) -> None:
         if not self.merged:
             return
-        layer = self.weighted_layer
+        layer = self.merge_layer
         weight, bias = self.unmerged_weight_and_bias(layer.weight, layer.bias)
         layer.weight.copy_(weight)
         if getattr(self, "_created_bias", False):

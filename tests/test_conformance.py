@@ -29,20 +29,23 @@ SPECS = {
     "lora+tsa": [pv.config("lora", r=R), "tsa"],  # two wrappers nest on the same convs
     "vpt+adaptformer": ["vpt", "adaptformer"],
     "adaptformer+lora": ["adaptformer", pv.config("lora", r=R)],
+    "svdiff": "svdiff", "difffit": "difffit",
+    "lora+svdiff": [pv.config("lora", r=R), "svdiff"],  # svdiff nests around LoRA's projections
+    "difffit+lora": ["difffit", pv.config("lora", r=R)],  # LoRA nests around DiffFit's scales
 }
 SUPPORTED = {
     "vit": ["full", "linear", "bias", "layernorm", "norm", "attention", "lora", "ssf", "adaptformer",
             "vpt-shallow", "vpt-deep", "lora+bias", "bias+norm+attention", "lora+ssf",
-            "vpt+adaptformer", "adaptformer+lora"],
+            "vpt+adaptformer", "adaptformer+lora", "svdiff"],
     "resnet": ["full", "linear", "bias", "batchnorm", "norm", "lora", "ssf", "tsa", "tsa+alignment",
-               "lora+bias", "ssf+batchnorm", "lora+tsa"],
+               "lora+bias", "ssf+batchnorm", "lora+tsa", "svdiff"],
     "unet": ["full", "bias", "layernorm", "norm", "attention", "lora", "lora+bias",
-             "bias+norm+attention"],
+             "bias+norm+attention", "svdiff", "difffit", "lora+svdiff", "difffit+lora"],
 }
 UNSUPPORTED = [("vit", "batchnorm"), ("resnet", "layernorm"), ("resnet", "attention"),
                ("unet", "linear"), ("unet", "batchnorm"), ("unet", "ssf"), ("vit", "tsa"),
                ("unet", "tsa"), ("resnet", "adaptformer"), ("unet", "adaptformer"),
-               ("resnet", "vpt"), ("unet", "vpt")]
+               ("resnet", "vpt"), ("unet", "vpt"), ("vit", "difffit"), ("resnet", "difffit")]
 # SSF's paper initialises γ ~ N(1, .02), β ~ N(0, .02); VPT's prompts are extra tokens from the start
 NOT_IDENTITY_AT_INIT = {"ssf", "vpt-shallow", "vpt-deep", "lora+ssf", "ssf+batchnorm",
                         "vpt+adaptformer"}
@@ -81,6 +84,8 @@ def selected_names(arch: str, method: str, base: nn.Module) -> set[str]:
     if method == "attention":
         key = ".attn." if arch == "vit" else "attentions."
         return _names(base, lambda n: key in n)
+    if method == "difffit":  # every bias and every norm's parameters
+        return selected_names(arch, "bias", base) | selected_names(arch, "norm", base)
     return set()
 
 
@@ -109,6 +114,25 @@ def adapter_count(arch: str, method: str, base: nn.Module) -> int:
     if method == "adaptformer":  # down (D->64, bias) + up (64->D, bias) per block
         return sum(2 * 64 * b.norm2.normalized_shape[0] + 64 + b.norm2.normalized_shape[0]
                    for b in base.blocks)
+    if method == "svdiff":  # one δ per singular value of each Linear/Conv, one per norm weight
+        count = 0
+        for name, m in base.named_modules():
+            if name in ("head", "fc"):  # the classifier trains fully, unshifted
+                continue
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                count += min(m.weight.shape[0], m.weight[0].numel())  # C_out x (C_in/g * k * k)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                count += m.weight.numel()
+        return count
+    if method == "difffit":  # γ on attn1/attn2/ff outputs (dim) and on each q/k/v/out projection
+        count = 0
+        for m in base.modules():
+            if type(m).__name__ == "BasicTransformerBlock":
+                attns = [a for a in (m.attn1, m.attn2) if a is not None]
+                count += m.dim * (len(attns) + 1)
+                count += sum(a.to_q.out_features + a.to_k.out_features + a.to_v.out_features
+                             + a.to_out[0].out_features for a in attns)
+        return count
     if method == "vpt-shallow":
         return 5 * base.embed_dim
     if method in ("vpt-deep", "vpt"):  # deep is the default mode

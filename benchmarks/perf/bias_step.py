@@ -41,8 +41,6 @@ import datetime as dt
 import gc
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -57,38 +55,16 @@ from torch import Tensor, nn
 import peftvision as pv
 from peftvision.surgery import restore_conv_classes
 
+from .common import environment
+from .common import git_sha as _git_sha
+from .common import median as _median
+from .common import reset_peak_rss as _reset_peak_rss
+from .common import rss_mb as _rss_mb
+
 SEED = 0
 RTOL, ATOL = 1e-4, 1e-5  # fp32: the two bias paths differ only in where one add is rounded
 VARIANTS = ("frozen", "bias", "bias-naive", "lora")
 BIAS_VARIANTS = ("bias", "bias-naive")
-
-
-# ---- timing helpers -------------------------------------------------------------------------
-
-def _median(times: list[float]) -> float:
-    return statistics.median(times) if times else float("nan")
-
-
-def _rss_mb(field_name: str) -> float | None:
-    """VmRSS / VmHWM of this process in MiB (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: "5" to clear_refs); False if unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ---- (1) the single-conv measurement --------------------------------------------------------
@@ -433,25 +409,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 
 # ---- results file ---------------------------------------------------------------------------
-
-def environment() -> dict[str, Any]:
-    import diffusers
-    import timm
-
-    return {"torch": torch.__version__, "timm": timm.__version__,
-            "diffusers": diffusers.__version__,
-            "peftvision": pv.__version__, "python": sys.version.split()[0],
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": "cpu"}
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
 
 def existing_results(path: Path, env: dict[str, Any]) -> dict[str, Any] | None:
     """The results already in `path` (None if there are none); refuses another benchmark's file

@@ -1,0 +1,198 @@
+"""One text-to-image PEFT run: fine-tune the UNet, sample, FID, one result JSON.
+
+    python -m benchmarks generate --model tiny --data demo --method lora --steps 20
+    python -m benchmarks generate --model runwayml/stable-diffusion-v1-5 \\
+        --data imagefolder-with-captions:../shared/data/busi --method bias+norm+attention
+
+(`python -m benchmarks.generation ...` takes the same arguments.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+import peftvision as pv
+
+from .. import results
+from . import data as gdata
+from .components import load_components
+from .fid import compute_fid, make_fid
+from .sample import generate, save_grid
+from .train import train
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="tiny", help="tiny | Hub id | DIR with unet/ vae/ "
+                   "text_encoder/ tokenizer/ scheduler/ (default: tiny)")
+    p.add_argument("--data", default="demo", help="demo | imagefolder-with-captions:PATH "
+                   "(PATH/captions.csv: image_path,text_caption,label)")
+    p.add_argument("--method", default="lora", help="a peftvision method, several joined by '+' "
+                   "(e.g. bias+norm+attention), or 'none' to sample the base model")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="method option, e.g. r=4 (METHOD.KEY=VALUE for combinations), repeatable")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels (default: the UNet's sample_size x VAE factor: 32 tiny, 512 SD)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--num-samples", type=int, default=None,
+                   help="images to generate (default: as many as held-out real images)")
+    p.add_argument("--inference-steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="held-out real images for FID (stratified split, --split-seed)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--fid-features", choices=("auto", "inception", "offline"), default="auto",
+                   help="auto: InceptionV3 if it loads, else the offline random-conv features")
+    p.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", default="runs/generate", help="<out>/<run>/: result.json, adapter, samples.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def add_generation_parser(subparsers) -> argparse.ArgumentParser:
+    """The `generate` subcommand for benchmarks/cli.py; `args.func(args)` runs it, returns 0."""
+    p = subparsers.add_parser("generate", help="text-to-image PEFT of a Stable Diffusion UNet + FID",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cmd_generate)
+    return p
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    run(args)
+    return 0
+
+
+def parse_method(method: str, options: list[str]) -> tuple[list[str], list, dict]:
+    """("lora", ["r=4"]) -> (["lora"], [lora config], {"r": 4}); with several methods the options are
+    METHOD.KEY=VALUE (as in `python -m benchmarks run --option`). Values are JSON where they parse."""
+    names = [m.strip() for m in method.replace(",", "+").split("+") if m.strip()]
+    opts: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for item in options:
+        key, sep, value = item.partition("=")
+        name, dot, key = key.rpartition(".") if len(names) > 1 else (names[0], ".", key)
+        if not sep or not dot or name not in opts:
+            raise SystemExit(f"--option takes KEY=VALUE (METHOD.KEY=VALUE with several methods "
+                             f"{names}), got {item!r}")
+        try:
+            opts[name][key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[name][key] = value
+    given = opts[names[0]] if len(names) == 1 else {n: o for n, o in opts.items() if o}
+    if names == ["none"]:
+        return names, [], {}
+    return names, [pv.config(n, **o) for n, o in opts.items()], given
+
+
+def dataset_name(spec: str) -> str:
+    return "demo" if spec == "demo" else Path(spec.removeprefix(gdata.PREFIX)).resolve().name
+
+
+def run_dir_name(args: argparse.Namespace, names: list[str]) -> str:
+    """generate__<dataset>__<model>__<method>__f1__s<seed>, beside the classification runs."""
+    model = "tiny-sd" if args.model == "tiny" else (
+        Path(args.model).name if Path(args.model).exists() else args.model)
+    return "generate__" + results.run_name(dataset_name(args.data), model, "+".join(names), 1.0, args.seed)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results.reset_peak_memory(device)
+    torch.manual_seed(args.seed)
+    names, configs, options = parse_method(args.method, args.option)
+
+    records = gdata.load_records(args.data)
+    train_set, test_set = gdata.stratified_split(records, args.test_fraction, args.split_seed)
+    c = load_components(args.model, args.image_size or 32)
+    vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
+    size = args.image_size or c.unet.config.sample_size * vae_factor
+    for m in (c.unet, c.vae, c.text_encoder):
+        m.to(device)
+    if names == ["none"]:
+        c.unet.requires_grad_(False)
+    else:
+        pv.apply(c.unet, configs)
+    params = pv.report(c.unet)
+    print(params, flush=True)
+
+    t0 = time.perf_counter()
+    loader = DataLoader(gdata.CaptionDataset(train_set, size), batch_size=args.batch_size,
+                        shuffle=True, drop_last=len(train_set) >= args.batch_size,
+                        generator=torch.Generator().manual_seed(args.seed))
+    losses = (train(c, loader, args.steps, args.lr, device,
+                    torch.Generator(device).manual_seed(args.seed), log_every=max(1, args.steps // 10))
+              if names != ["none"] and args.steps > 0 else [])
+    train_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n = args.num_samples or len(test_set)
+    prompts = [test_set[i % len(test_set)].caption for i in range(n)]
+    fake = generate(c, prompts, image_size=size, inference_steps=args.inference_steps,
+                    batch_size=args.batch_size, seed=args.seed, device=device,
+                    guidance_scale=args.guidance_scale)  # (n, 3, S, S) uint8
+    sample_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    real = torch.stack([((gdata.to_tensor(r.image, size) + 1) * 127.5).round().to(torch.uint8)
+                        for r in test_set])  # (n_test, 3, S, S) uint8
+    fid_name, metric = make_fid(args.fid_features, args.inception_weights)
+    fid = compute_fid(real, fake, metric.to(device), batch_size=max(args.batch_size, 32))
+    fid_s = time.perf_counter() - t0
+
+    run_dir = Path(args.out) / run_dir_name(args, names)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_grid(fake[:64], run_dir / "samples.png")
+    adapter = {"run": run_dir.name, "path": None, "bytes": None}
+    if names != ["none"]:
+        pv.save_adapter(c.unet, run_dir, tags=["peftvision-benchmark", "text-to-image"],
+                        metrics={fid_name: fid})
+        adapter.update(path=str(run_dir), bytes=(run_dir / "adapter_model.safetensors").stat().st_size)
+    env = results.environment(str(device))
+    env["versions"].update({m: version(m) for m in ("diffusers", "transformers", "torchmetrics")})
+    result = {
+        "kind": results.KIND, "schema": results.SCHEMA, "task": "text-to-image",
+        "config": {**{k: v for k, v in vars(args).items() if k != "func"}, "image_size": size},
+        "method": {"label": "+".join(names), "names": names, "options": options,
+                   "configs": {m.name: m.to_dict() for m in configs}},
+        "dataset": {"spec": args.data, "name": dataset_name(args.data),
+                    "split": gdata.split_summary(train_set, test_set, args.test_fraction, args.split_seed)},
+        "model": {"name": args.model, "pretrained": args.model != "tiny", "image_size": size,
+                  "base_parameters": {k: sum(p.numel() for p in getattr(c, k).parameters())
+                                      for k in ("unet", "vae", "text_encoder")}},
+        "parameters": {**params.to_dict(), "method_params": params.trainable},
+        "metrics": {fid_name: fid, "num_generated": n, "num_real": len(real),
+                    "final_loss": losses[-1] if losses else None,
+                    "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None},
+        "history": {"train_loss": losses},
+        "peak_memory": results.peak_memory(device),
+        "train_time_s": train_s, "sample_time_s": sample_s, "fid_time_s": fid_s,
+        "adapter": adapter,
+        "environment": env,
+        "wall_time_s": time.perf_counter() - start,
+    }
+    path = results.write_result(result, run_dir)
+    print(f"{fid_name} = {fid:.4f}  ({n} generated vs {len(real)} held-out real, {size}px)  "
+          f"trainable {params.trainable:,} / {params.total:,}  -> {path}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="python -m benchmarks.generation", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return run(args)

@@ -1,0 +1,127 @@
+"""Pixels: where images are stored (arrays or files), RGB conversion, the torch dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .data import Split
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".ppm", ".pgm"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given (missing path, empty class, unreadable image...)."""
+
+
+class ArrayStore:
+    """Images held in a (N, H, W) or (N, H, W, C) uint8 array."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def image(self, i: int):
+        from PIL import Image
+
+        a = self.array[i]
+        if a.ndim == 3 and a.shape[-1] == 1:
+            a = a[..., 0]
+        return Image.fromarray(np.ascontiguousarray(a))
+
+
+class FileStore:
+    """Images in files under `root`, opened on access."""
+
+    def __init__(self, paths: list[Path], root: Path):
+        self.paths = paths
+        self.root = root
+
+    def image(self, i: int):
+        from PIL import Image
+
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im
+        except Exception as e:  # PIL raises several types for broken files
+            raise DataError(f"cannot read image {path}: {e}") from e
+
+
+def check_readable(paths: list[Path]) -> None:
+    """Open every file's header now, so a broken image fails before training, not in epoch 7."""
+    from PIL import Image
+
+    bad = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.size  # noqa: B018  (reading the header is the check)
+        except Exception as e:
+            bad.append(f"{p} ({type(e).__name__}: {e})")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} unreadable image file(s): {'; '.join(bad[:5])}{more}")
+
+
+def to_uint8(a: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    lo, hi = a.min(), a.max()
+    return ((a - lo) / (hi - lo or 1) * 255).round().astype(np.uint8)
+
+
+# -- pixels --------------------------------------------------------------------------------------
+def to_rgb(im):
+    """Any PIL mode -> RGB: grey replicated to three channels; 16-bit and float images rescaled
+    to 8 bits by their own range; alpha dropped."""
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        im = Image.fromarray(to_uint8(np.asarray(im)))
+    return im.convert("RGB")
+
+
+class ImageDataset:
+    """A torch map-style dataset over one split: (image (3, S, S) float, label) pairs.
+
+    Images are resized (bilinear, to a square) and normalised with the model's mean/std;
+    `train=True` adds a random horizontal flip (torch's RNG, so seeded runs repeat). Resized
+    images are cached as uint8 when the whole split fits in `cache_bytes` (default 1 GiB)."""
+
+    def __init__(self, split: Split, image_size: int, mean, std, train: bool = False,
+                 cache_bytes: int = 1 << 30):
+        import torch
+
+        self.split, self.size, self.train = split, image_size, train
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        fits = len(split) * image_size * image_size * 3 <= cache_bytes
+        self.cache: dict[int, np.ndarray] | None = {} if fits else None
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def pixels(self, i: int) -> np.ndarray:
+        """(S, S, 3) uint8 of item i."""
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        from PIL import Image
+
+        im = to_rgb(self.split.store.image(int(self.split.indices[i])))
+        if im.size != (self.size, self.size):
+            im = im.resize((self.size, self.size), Image.BILINEAR)
+        a = np.asarray(im, dtype=np.uint8)
+        if self.cache is not None:
+            self.cache[i] = a
+        return a
+
+    def __getitem__(self, i: int):
+        import torch
+
+        x = torch.from_numpy(self.pixels(i).copy()).permute(2, 0, 1).float().div_(255)  # (3, S, S)
+        if self.train and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return (x - self.mean) / self.std, int(self.split.labels[i])

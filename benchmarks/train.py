@@ -1,0 +1,291 @@
+"""One benchmark run: data -> model -> PEFT method -> train (early stop on val macro-F1) -> test.
+
+    from benchmarks.train import RunConfig, run_experiment
+    result = run_experiment(RunConfig(dataset="demo", model="tiny-resnet", method="lora",
+                                      pretrained=False, epochs=3, image_size=32))
+
+Training: AdamW (weight decay on tensors of 2+ dims only, so biases, norms and SSF scales are not
+pulled to zero), linear warmup then cosine decay per step, cross-entropy; the best epoch by
+validation macro-F1 is restored for the test. Hugging Face `accelerate` places the model and
+batches (one or more GPUs under `accelerate launch`, mixed precision on CUDA; plain CPU otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import peftvision as pv
+
+from .data import load_dataset, stratified_subset
+from .images import ImageDataset
+from .metrics import classification_metrics
+from .models import build_model, data_config, load_weights, method_configs, method_names, needs_data
+from .results import environment, peak_memory, reset_peak_memory, run_name, write_result
+
+
+@dataclass
+class RunConfig:
+    dataset: str            # "demo" | "medmnist:PATH.npz" | "imagefolder:DIR" | "csv:FILE"
+    model: str              # timm name (or "tiny-vit"/"tiny-resnet" test presets)
+    method: str | list[str]  # peftvision method name(s), e.g. "lora" or ["bias","norm","attention"]
+    method_options: dict = field(default_factory=dict)
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    batch_size: int = 32
+    image_size: int = 224
+    seed: int = 0
+    data_fraction: float = 1.0
+    warmup_epochs: int = 1
+    patience: int = 5       # early stopping on validation macro-F1 (0: never stop early)
+    pretrained: bool = True
+    weights: str | None = None
+    num_workers: int = 0
+    device: str = "auto"    # "auto" | "cpu" | "cuda"
+    out: str | None = None  # directory for the result JSON (+ adapter)
+    # -- beyond the core interface (all optional) --
+    split_seed: int = 0     # seed of the train/val/test split (fixed across run seeds)
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    data_root: str | None = None  # where `medmnist:NAME` downloads go
+    dataset_name: str | None = None  # the dataset's name in tables (default from the path)
+    label: str | None = None  # the method's name in tables (default: methods joined by "+")
+    name: str | None = None  # run directory name under `out` (default from dataset/model/...)
+    mixed_precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, none on CPU) | "no" | "fp16" | "bf16"
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
+                  (self.image_size >= 8, "image_size must be >= 8"), (self.lr >= 0, "lr must be >= 0"),
+                  (self.weight_decay >= 0, "weight_decay must be >= 0"),
+                  (0 < self.data_fraction <= 1, "data_fraction must be in (0, 1]"),
+                  (self.patience >= 0, "patience must be >= 0 (0: no early stopping)"),
+                  (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+                  (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
+                  (self.mixed_precision in ("auto", "no", "fp16", "bf16"),
+                   "mixed_precision must be auto, no, fp16 or bf16")]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ValueError(f"RunConfig: {'; '.join(bad)}")
+
+
+def make_accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA GPU is available")
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        # One process, several runs (a sweep, the demo, tests): each run sets its own device and
+        # precision. accelerate keeps them process-wide, so start from a clean state. (Under
+        # `accelerate launch` with several processes the state is the launcher's and stays.)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=not cuda, mixed_precision=precision)
+
+
+def _loader(dataset, cfg: RunConfig, shuffle: bool, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle,
+                                       num_workers=cfg.num_workers, generator=g,
+                                       persistent_workers=cfg.num_workers > 0,  # keeps their caches
+                                       pin_memory=torch.cuda.is_available())
+
+
+def lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Linear warmup to 1 over `warmup_steps`, then cosine to 0 at `total_steps`."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": rest, "weight_decay": 0.0}) if g["params"]]
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, num_classes: int) -> dict:
+    model.eval()
+    probs, labels = [], []
+    for x, y in loader:
+        logits = model(x).float()
+        p, y = accelerator.gather_for_metrics((logits.softmax(-1), y))
+        probs.append(p.cpu())
+        labels.append(y.cpu())
+    probs = torch.cat(probs).numpy() if probs else np.zeros((0, num_classes))
+    return classification_metrics(torch.cat(labels).numpy() if labels else np.zeros(0, np.int64), probs)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what training changes: trainable parameters and all buffers (BN statistics)."""
+    keep = {n for n, p in model.named_parameters() if p.requires_grad}
+    keep |= {n for n, _ in model.named_buffers()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k in keep}
+
+
+def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None = None) -> dict:
+    """Train + early-stop on val macro-F1 + test; returns the result dict (also written to cfg.out).
+    on_epoch(epoch, val_macro_f1) is called after every epoch; it may raise to stop the run (HPO pruning)."""
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    names = method_names(cfg.method)
+    label = cfg.label or "+".join(names)
+    set_seed(cfg.seed)
+    accelerator = make_accelerator(cfg)
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    say = (lambda *a: None) if cfg.quiet or not accelerator.is_main_process else (
+        lambda *a: print(*a, file=sys.stderr, flush=True))
+
+    data = load_dataset(cfg.dataset, split_seed=cfg.split_seed, val_fraction=cfg.val_fraction,
+                        test_fraction=cfg.test_fraction, data_root=cfg.data_root)
+    if cfg.dataset_name:
+        data.name = cfg.dataset_name
+    train_split = data.splits["train"]
+    train_split = train_split.subset(stratified_subset(train_split.labels, cfg.data_fraction, cfg.seed))
+    model = build_model(cfg.model, data.num_classes, cfg.image_size,
+                        pretrained=cfg.pretrained and not cfg.weights)
+    weights = load_weights(model, cfg.weights) if cfg.weights else None
+    norm = data_config(model)
+    make = lambda split, train: ImageDataset(split, cfg.image_size, norm["mean"], norm["std"], train)  # noqa: E731
+    train_set = make(train_split, True)
+    train_loader = _loader(train_set, cfg, True, cfg.seed)
+    val_loader = _loader(make(data.splits["val"], False), cfg, False, cfg.seed)
+    test_loader = _loader(make(data.splits["test"], False), cfg, False, cfg.seed)
+
+    model.to(device)  # before apply: data-driven methods take their gradients on the device
+    selection_data = (_loader(make(train_split, False), cfg, False, cfg.seed)
+                      if any(needs_data(n) for n in names) else None)
+    base_params = sum(p.numel() for p in model.parameters())
+    pv.apply(model, method_configs(names, cfg.method_options, selection_data))
+    report = pv.report(model)
+    say(f"[{label}] {cfg.model} on {data.name}: {report.trainable:,} trainable of {report.total:,} "
+        f"({report.percent:.3f}%), train {len(train_split)} / val {len(data.splits['val'])} / "
+        f"test {len(data.splits['test'])} images")
+
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader)
+    steps_per_epoch = max(1, len(train_loader))
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 2)  # a short run still decays
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup))
+    reset_peak_memory(device)
+
+    history, best, best_f1, best_epoch, stale = [], None, -math.inf, 0, 0
+    stopped_early = False
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            losses = []
+            bar = tqdm(train_loader, desc=f"{label} epoch {epoch}/{cfg.epochs}", leave=False,
+                       disable=None if accelerator.is_main_process and not cfg.quiet else True)
+            for x, y in bar:
+                loss = F.cross_entropy(model(x), y)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            val = evaluate(model, val_loader, accelerator, data.num_classes)
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
+                            "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
+                            "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0})
+            say(f"[{label}] epoch {epoch}: loss {history[-1]['train_loss']:.4f}  "
+                f"val F1 {val['macro_f1']:.4f}  acc {val['accuracy']:.4f}")
+            if val["macro_f1"] > best_f1:
+                best_f1, best_epoch, stale = val["macro_f1"], epoch, 0
+                best = _snapshot(accelerator.unwrap_model(model))
+            else:
+                stale += 1
+            if on_epoch is not None:
+                on_epoch(epoch, val["macro_f1"])
+            if cfg.patience > 0 and stale >= cfg.patience:
+                stopped_early = epoch < cfg.epochs
+                break
+        train_time = time.perf_counter() - start
+        unwrapped = accelerator.unwrap_model(model)
+        if best is not None:
+            unwrapped.load_state_dict(best, strict=False)
+        val = evaluate(model, val_loader, accelerator, data.num_classes)
+        test = evaluate(model, test_loader, accelerator, data.num_classes)
+        memory = peak_memory(device)
+        result = {
+            "kind": "peftvision-benchmark-run", "schema": 1,
+            "config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "method": names,
+                       "method_options": _json_options(cfg.method_options)},
+            "method": {"label": label, "names": names, "options": _json_options(cfg.method_options)},
+            "dataset": {"spec": cfg.dataset, "name": data.name, "classes": data.classes,
+                        "num_classes": data.num_classes,
+                        "split": {**data.describe(), "train_used": len(train_split),
+                                  "train_used_per_class": np.bincount(
+                                      train_split.labels, minlength=data.num_classes).tolist(),
+                                  "train_subset_seed": cfg.seed}},
+            "model": {"name": cfg.model, "pretrained": bool(cfg.pretrained or cfg.weights),
+                      "weights": weights, "image_size": cfg.image_size, **norm,
+                      "base_parameters": base_params},
+            "parameters": {**report.to_dict(),
+                           "method_params": report.trainable - report.by_method.get("head", 0)},
+            "metrics": {"test": test, "val": val, "best_val_macro_f1": best_f1,
+                        "best_epoch": best_epoch, "epochs_run": len(history),
+                        "stopped_early": stopped_early},
+            "history": history,
+            "peak_memory": memory,
+            "train_time_s": train_time,
+        }
+        result["adapter"] = _save_adapter(unwrapped, cfg, result, accelerator, data.name, label)
+        result["environment"] = environment(str(device), accelerator.num_processes)
+        result["wall_time_s"] = time.perf_counter() - start
+        if cfg.out and accelerator.is_main_process:
+            write_result(result, Path(cfg.out) / result["adapter"]["run"])
+        say(f"[{label}] test macro-F1 {test['macro_f1']:.4f}  accuracy {test['accuracy']:.4f}  "
+            f"AUROC {test['auroc'] if test['auroc'] is None else round(test['auroc'], 4)}  "
+            f"(best epoch {best_epoch}, {result['wall_time_s']:.1f} s)")
+        return result
+    finally:
+        accelerator.free_memory()
+
+
+def _json_options(options: dict) -> dict:
+    return {k: (v if isinstance(v, (str, int, float, bool, list, dict, type(None))) else repr(v))
+            for k, v in options.items()}
+
+
+def _save_adapter(model, cfg: RunConfig, result: dict, accelerator, dataset: str, label: str) -> dict:
+    """pv.save_adapter into <out>/<run>/ (a temporary directory when cfg.out is None, just to
+    measure it); returns the run name, the path and the size of adapter_model.safetensors."""
+    run = cfg.name or run_name(dataset, cfg.model, label, cfg.data_fraction, cfg.seed)
+    if not accelerator.is_main_process:
+        return {"run": run, "path": None, "bytes": None}
+    metrics = {f"test_{k}": result["metrics"]["test"][k] for k in ("macro_f1", "accuracy")}
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(cfg.out) / run if cfg.out else Path(tmp)
+        pv.save_adapter(model, directory, tags=["peftvision-benchmark", dataset], metrics=metrics)
+        size = (directory / "adapter_model.safetensors").stat().st_size
+    return {"run": run, "path": str(directory) if cfg.out else None, "bytes": size}

@@ -1,0 +1,128 @@
+"""DiffFit (Xie et al., ICCV 2023): bias and norm parameters train, plus learnable per-channel
+scales γ (init 1) in every diffusers BasicTransformerBlock:
+
+    x = x + γ_attn1 ⊙ attn1(norm1(x))         branch scales on attn1, attn2 and ff
+    x = x + γ_attn2 ⊙ attn2(norm2(x), ctx)
+    x = x + γ_ff    ⊙ ff(norm3(x))
+    and γ on the output channels of to_q, to_k, to_v and to_out.0 of both attentions.
+
+The block adds each residual outside attn1/attn2/ff (any gate of ada-norm blocks multiplies the
+branch output too), so scaling a module's output scales exactly its branch: no forward is
+patched, the modules are wrapped. γ = 1 makes the model start exactly as the base model.
+
+Merge: a Linear's scale folds into it (W' = diag(γ)·W, b' = γ ⊙ b); a branch scale folds into the
+branch's last Linear (the Attention's to_out.0, the FeedForward's last Linear), exact because
+only dropout (and the Attention's division by rescale_output_factor) follows that Linear; an
+Attention with residual_connection=True adds its input after to_out.0 and refuses to merge. Unmerge divides by γ (fp32 rounding, as SSF), so a γ with a
+zero entry refuses to merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UnsupportedArchitectureError
+from ..layers import AdapterLayer
+from ..registry import register_method
+from ..targets import GENERIC, NORM_TYPES, UNET, _loaded_class
+from .base import ApplyContext, Method, parameters_under
+
+PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+BRANCHES = ("attn1", "attn2", "ff")
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    """The user module inside any adapter wrappers."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+def branch_output_linear(branch: nn.Module) -> tuple[nn.Module | None, str]:
+    """(the Linear whose output, up to dropout, is `branch`'s output, '') or (None, why not)."""
+    to_out = getattr(branch, "to_out", None)
+    if to_out is not None:  # diffusers Attention: to_out = [Linear, Dropout]
+        if getattr(branch, "residual_connection", False):
+            return None, "the attention adds its input after to_out (residual_connection=True)"
+        linear = _innermost(to_out[0])
+    else:  # diffusers FeedForward: net = [act (with its own proj), Dropout, Linear, (Dropout)]
+        tail = [m for m in getattr(branch, "net", []) if not isinstance(m, nn.Dropout)]
+        linear = _innermost(tail[-1]) if tail else None
+    if not isinstance(linear, nn.Linear):
+        return None, f"{type(branch).__name__} does not end in a Linear"
+    return linear, ""
+
+
+class ChannelScale(AdapterLayer):
+    """y = γ ⊙ f(x) over the last (channel) axis; f is a Linear or a whole branch module."""
+
+    def __init__(self, base_layer: nn.Module, channels: int) -> None:
+        super().__init__(base_layer)
+        ref = next(self.weighted_layer.parameters())
+        self.difffit_scale = nn.Parameter(torch.ones(channels, dtype=ref.dtype, device=ref.device))
+
+    @property
+    def merge_layer(self) -> nn.Module:
+        layer = self.weighted_layer
+        return layer if isinstance(layer, nn.Linear) else branch_output_linear(layer)[0]
+
+    def merge_blocker(self) -> str:
+        if not isinstance(self.weighted_layer, nn.Linear):
+            why = branch_output_linear(self.weighted_layer)[1]
+            if why:
+                return f"difffit's {type(self.weighted_layer).__name__} branch scale ({why})"
+        if bool((self.difffit_scale == 0).any()):
+            return "difffit (a scale γ has a zero entry: unmerge would divide by zero)"
+        return super().merge_blocker()
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        out = self.base_layer(x, *args, **kwargs)  # (B, N, C)
+        return out if self.merged else out * self.difffit_scale
+
+    def merged_weight_and_bias(self, weight, bias):  # weight (C, in): scale its output rows
+        return weight * self.difffit_scale[:, None], None if bias is None else bias * self.difffit_scale
+
+    def unmerged_weight_and_bias(self, weight, bias):
+        return weight / self.difffit_scale[:, None], None if bias is None else bias / self.difffit_scale
+
+
+@register_method
+@dataclass
+class DiffFit(Method):
+    """Bias + norm tuning with per-channel scales in every diffusers BasicTransformerBlock."""
+
+    name: ClassVar[str] = "difffit"
+    kind: ClassVar[str] = "additive"
+    architectures: ClassVar = (UNET, GENERIC)
+    summary: ClassVar[str] = "bias + norm tuning and per-channel scales γ on transformer-block branches and q/k/v/out"
+    paper: ClassVar[str] = "Xie et al., ICCV 2023"
+
+    def apply_to(self, ctx: ApplyContext) -> None:
+        ctx.require_architecture(self)
+        block_cls = _loaded_class("diffusers.models.attention", "BasicTransformerBlock")
+        if block_cls is None or not any(isinstance(m, block_cls) for m in ctx.model.modules()):
+            raise UnsupportedArchitectureError(
+                f"difffit needs diffusers BasicTransformerBlocks (a Stable Diffusion UNet, a DiT...); "
+                f"{type(ctx.model).__name__} has none")
+        for block_name, block in ctx.find(self, [block_cls], allowed=(block_cls,)):
+            for branch in BRANCHES:
+                module = _innermost(getattr(block, branch, None))
+                if module is None:  # e.g. no attn2 without cross-attention
+                    continue
+                if branch != "ff":
+                    for proj in PROJECTIONS:
+                        linear = _innermost(module.get_submodule(proj))
+                        ctx.wrap(self, f"{block_name}.{branch}.{proj}",
+                                 partial(ChannelScale, channels=linear.out_features))
+                ctx.wrap(self, f"{block_name}.{branch}", partial(ChannelScale, channels=block.dim))
+        # the selective part: every bias and every norm's affine parameters
+        chosen = {c: p for c, p in parameters_under("", ctx.model) if c.rpartition(".")[2] == "bias"}
+        for name, norm in ctx.find(self, list(NORM_TYPES), allowed=NORM_TYPES):
+            chosen.update(parameters_under(name, norm))
+        head = tuple(h + "." for h in ctx.head_modules)
+        ctx.select(self, ((c, p) for c, p in chosen.items() if not c.startswith(head)))

@@ -1,0 +1,165 @@
+"""SV-Diff (Han et al., ICCV 2023): train shifts of the singular values of the frozen weights.
+
+For a Linear or Conv weight W (a conv reshaped to C_out x (C_in/groups·k·k), as the reference):
+    W = U·diag(σ)·Vᵀ   (computed once at apply/load time, kept as non-persistent buffers)
+    W' = U·diag(ReLU(σ + δ))·Vᵀ,   δ trainable, zero init, one value per singular value.
+Norm weights (LayerNorm, GroupNorm) get an additive δ instead: w' = w + δ.
+
+The reference (phymhan/SVDiff) shifts every module with a weight: on a UNet every Linear, Conv,
+GroupNorm and LayerNorm, which is our default. We add the shift as a delta,
+    W' = W + U·diag(ReLU(σ + δ) − σ)·Vᵀ,
+rather than rebuilding U·diag(·)·Vᵀ (whose product differs from W by fp32 rounding): the delta
+is exactly zero at δ = 0 (σ ≥ 0, so ReLU(σ) − σ = 0) and the model starts exactly as the base
+model. Each call takes the cheaper of two equal forms (no SVD ever runs after apply):
+- weight space: one call of the layer with W + ΔW, ΔW = (U * shift) @ Vᵀ (wide inputs);
+- factored: layer(x) + U·(shift ⊙ Vᵀx), ΔW never formed (few positions, e.g. a UNet's deep
+  levels: at 4x4 positions, rebuilding a 1280 x 11520 ΔW costs ~80x the conv itself).
+
+Merge writes W + ΔW and keeps W in a non-persistent buffer so that unmerge restores the original
+weight bitwise ((W + ΔW) − ΔW is not W in floating point); a merged model therefore holds one
+extra copy of each shifted weight until it is unmerged or unloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UnsupportedArchitectureError
+from ..layers import AdditiveDeltaLayer
+from ..registry import register_method
+from ..surgery import BiasDecoupledConv1d, BiasDecoupledConv2d, BiasDecoupledConv3d
+from ..targets import GENERIC, RESNET, UNET, VIT, TargetSpec
+from .base import ApplyContext, Method
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm)
+SVDIFF_LAYERS = (nn.Linear, *_CONVS, *_NORMS)
+# Layers whose forward is exactly `_run` below, so the shifted weight can replace W in one call.
+_PLAIN_FORWARDS = {t.forward for t in (*SVDIFF_LAYERS, BiasDecoupledConv1d, BiasDecoupledConv2d,
+                                       BiasDecoupledConv3d)}
+
+
+def _run(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """`layer`'s operation with another weight and bias. For a norm with bias=None and weight=δ
+    this is δ ⊙ x̂ (x̂ the normalised input), the norm's output change for w -> w + δ."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(layer, nn.LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, weight, bias, layer.eps)
+    return layer._conv_forward(x, weight, bias)  # Conv: the layer's stride, padding, groups...
+
+
+class SpectralShift(AdditiveDeltaLayer):
+    """δ on the singular values of a Linear/Conv weight, or added to a norm's weight."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        weight = self.weighted_layer.weight.detach()
+        if isinstance(self.weighted_layer, _NORMS):
+            self.svd_delta = nn.Parameter(torch.zeros_like(weight))  # (C,) or normalized_shape
+            self.svd_u = self.svd_s = self.svd_vh = None
+            return
+        mat = weight.reshape(weight.shape[0], -1)  # (C_out, C_in/g·k·k)
+        exact = mat if mat.dtype in (torch.float32, torch.float64) else mat.float()  # no half SVD
+        u, s, vh = torch.linalg.svd(exact, full_matrices=False)  # (m, k), (k,), (k, n)
+        # recomputed from the base weight whenever the method is applied, so never saved
+        for name, t in (("svd_u", u), ("svd_s", s), ("svd_vh", vh)):
+            self.register_buffer(name, t.to(weight.dtype), persistent=False)
+        self.svd_delta = nn.Parameter(torch.zeros_like(self.svd_s))  # (k,)
+
+    def _shift(self) -> Tensor:
+        return F.relu(self.svd_s + self.svd_delta) - self.svd_s  # (k,), exactly 0 at δ = 0
+
+    def delta_weight(self) -> Tensor:
+        if self.svd_s is None:  # norm weight: additive
+            return self.svd_delta
+        return ((self.svd_u * self._shift()) @ self.svd_vh).view(self.weighted_layer.weight.shape)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        layer = self.weighted_layer
+        direct = self.base_layer is layer and type(layer).forward in _PLAIN_FORWARDS
+        if self.svd_s is not None and self.factored_is_cheaper(x, direct):
+            return self.base_layer(x, *args, **kwargs) + self._factored_delta(x)
+        if direct:  # one call of the layer's op with W' = W + ΔW
+            return _run(layer, x, layer.weight + self.delta_weight(), layer.bias)
+        # nested in another adapter (or an unusual layer subclass): add ΔW's own output
+        return self.base_layer(x, *args, **kwargs) + _run(layer, x, self.delta_weight(), None)
+
+    def factored_is_cheaper(self, x: Tensor, direct: bool) -> bool:
+        """Multiply-adds of the two ways to train δ, forward + backward, beyond the frozen layer:
+        weight space rebuilds ΔW (m·n·k, twice with δ's gradient) and makes the layer compute its
+        weight gradient (P·m·n for P output positions); factored runs x through Vᵀ and U (P·k·(m+n),
+        twice with the input gradient). Deep UNet levels (few positions, wide layers) go factored."""
+        layer = self.weighted_layer
+        if getattr(layer, "groups", 1) != 1:  # Vᵀ's rows mix the groups' inputs: weight space only
+            return False
+        (k, n), m = self.svd_vh.shape, self.svd_u.shape[0]
+        positions = x.numel() // (n // math.prod(getattr(layer, "kernel_size", ())))
+        positions //= math.prod(getattr(layer, "stride", ()))  # output positions (roughly)
+        weight_space = positions * m * n * (1 if direct else 3) + 2 * m * n * k
+        return 2 * positions * k * (m + n) < weight_space
+
+    def _factored_delta(self, x: Tensor) -> Tensor:
+        """ΔW·x as x -> Vᵀ -> diag(shift) -> U, never forming ΔW (U, Vᵀ are frozen: no weight grads)."""
+        layer, u, vh = self.weighted_layer, self.svd_u, self.svd_vh
+        if isinstance(layer, nn.Linear):
+            return F.linear(F.linear(x, vh) * self._shift(), u)  # (..., k) -> (..., m)
+        z = layer._conv_forward(x, vh.view(-1, *layer.weight.shape[1:]), None)  # (B, k, *spatial')
+        z = z * self._shift().view(-1, *([1] * (z.dim() - 2)))
+        pointwise = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[z.dim()]
+        return pointwise(z, u.view(*u.shape, *([1] * (z.dim() - 2))))  # 1x1 conv: (B, m, *spatial')
+
+    # -- exact unmerge: keep the base weight while merged ----------------------------------------
+    def merged_weight_and_bias(self, weight, bias):
+        self.register_buffer("base_weight_backup", weight.detach().clone(), persistent=False)
+        return super().merged_weight_and_bias(weight, bias)
+
+    def unmerged_weight_and_bias(self, weight, bias):
+        backup = getattr(self, "base_weight_backup", None)
+        if backup is None:  # not merged by this object (cannot happen through merge())
+            return super().unmerged_weight_and_bias(weight, bias)
+        del self.base_weight_backup
+        return backup, None
+
+
+@register_method
+@dataclass
+class SVDiff(Method):
+    """Spectral shifts of every Linear/Conv weight and additive shifts of norm weights."""
+
+    targets: TargetSpec = None
+
+    name: ClassVar[str] = "svdiff"
+    aliases: ClassVar[tuple[str, ...]] = ("sv-diff",)
+    kind: ClassVar[str] = "additive"
+    architectures: ClassVar = (UNET, VIT, RESNET, GENERIC)
+    summary: ClassVar[str] = "singular-value shifts W = U·diag(ReLU(σ+δ))·Vᵀ of Linear/Conv, δ on norm weights"
+    paper: ClassVar[str] = "Han et al., ICCV 2023"
+
+    def default_targets(self, ctx: ApplyContext) -> TargetSpec:
+        if ctx.architecture == GENERIC:
+            raise UnsupportedArchitectureError(
+                "svdiff on a generic model needs targets=[...] (e.g. [nn.Linear, nn.Conv2d, nn.GroupNorm])")
+        # every weight the reference shifts (ResNet's BatchNorms excepted: see apply_to)
+        return list(SVDIFF_LAYERS)
+
+    def apply_to(self, ctx: ApplyContext) -> None:
+        ctx.require_architecture(self)
+        spec = self.targets if self.targets is not None else self.default_targets(ctx)
+        # BatchNorm is not offered: its train-mode statistics make w + δ need BN's own forward
+        found = [(n, m) for n, m in ctx.find(self, spec, allowed=SVDIFF_LAYERS)
+                 if getattr(m, "weight", None) is not None]  # a norm without affine has nothing to shift
+        if not found:
+            raise UnsupportedArchitectureError("svdiff: the matched layers have no weight to shift")
+        for name, _module in found:
+            ctx.wrap(self, name, SpectralShift)
