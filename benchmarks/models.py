@@ -77,38 +77,14 @@ def _tiny(name: str, num_classes: int, image_size: int) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str) -> dict:
-    """Load a local state-dict file (.safetensors/.pth/.bin) into `model` in place of the Hub's
-    weights, through the model's own timm checkpoint filter (layout conversion, position-embedding
-    resampling); tensors of another shape (the old head) are skipped, and a file that fits less
-    than half of the model's tensors is refused rather than leaving the model silently random.
-    Returns what loaded, what was skipped and what is missing (recorded in the result)."""
-    import sys
-    from pathlib import Path
+    """Load a local weights file into `model` (peftvision.zoo.load_local_weights: the model's own
+    timm checkpoint filter, old heads skipped, files for another model refused)."""
+    from peftvision.zoo import load_local_weights
 
-    from timm.models import load_state_dict
-
-    if not Path(path).is_file():
-        raise ModelError(f"weights file not found: {path}")
     try:
-        state = load_state_dict(str(path))
-    except Exception as e:
-        raise ModelError(f"cannot read weights file {path}: {e}") from e
-    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if convert is not None:
-        try:
-            state = convert(state, model)
-        except Exception:  # not in the layout the filter expects: use the file as it is
-            pass
-    own = model.state_dict()
-    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if len(keep) < len(own) // 2:
-        example = ", ".join(sorted(set(state) - set(own))[:3])
-        raise ModelError(f"{path} fits only {len(keep)} of the {len(own)} tensors of "
-                         f"{type(model).__name__} (unmatched names such as {example}): weights for "
-                         "another model?")
-    missing = model.load_state_dict(keep, strict=False).missing_keys
-    return {"file": str(path), "loaded": len(keep), "skipped": sorted(set(state) - set(keep)),
-            "missing": sorted(missing)}
+        return load_local_weights(model, path)
+    except (OSError, ValueError) as e:
+        raise ModelError(str(e)) from e
 
 
 def data_config(model: nn.Module) -> dict:

@@ -60,3 +60,12 @@ def test_help_of_each_command(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
     assert "key=value" in capsys.readouterr().out
+
+
+def test_local_weights_for_another_model_are_refused(tmp_path):
+    from peftvision.zoo import create_model
+
+    path = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("resnet10t", pretrained=False).state_dict(), str(path))
+    with pytest.raises(ValueError, match="weights for another model"):
+        create_model("vit_tiny_patch16_224", weights=str(path), image_size=64)
