@@ -13,8 +13,8 @@ patched, the modules are wrapped. γ = 1 makes the model start exactly as the ba
 Merge: a Linear's scale folds into it (W' = diag(γ)·W, b' = γ ⊙ b); a branch scale folds into the
 branch's last Linear (the Attention's to_out.0, the FeedForward's last Linear), exact because
 only dropout (and the Attention's division by rescale_output_factor) follows that Linear; an
-Attention with residual_connection=True adds its input after to_out.0 and refuses to merge. Unmerge divides by γ (fp32 rounding, as SSF), so a γ with a
-zero entry refuses to merge.
+Attention with residual_connection=True adds its input after to_out.0 and refuses to merge.
+Unmerge divides by γ (fp32 rounding, as SSF), so a γ with a zero entry refuses to merge.
 """
 
 from __future__ import annotations
