@@ -192,8 +192,10 @@ def run_hpo(
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     n_before = len(study.get_trials(deepcopy=False))
     # Offset by the trials already there, so a resumed study draws new points instead of
-    # replaying its first ones (same seed, same random start-up trials).
-    seed = None if sampler_seed is None else sampler_seed + n_before
+    # replaying its first ones (same seed, same random start-up trials). The seed is spread out
+    # (x 1,000,003) because two workers whose seeds differ by a small number would otherwise
+    # draw the same points, one trial apart.
+    seed = None if sampler_seed is None else (sampler_seed * 1_000_003 + n_before) % 2**32
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=min_resource,
                                                     reduction_factor=reduction_factor)
     study = optuna.load_study(study_name=name, storage=rdb, pruner=pruner,

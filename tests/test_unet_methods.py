@@ -68,6 +68,7 @@ def test_svdiff_forward_equals_brute_force_reconstruction(name, path, monkeypatc
     assert shift.svd_delta.shape == (k,)
     # the buffers are an SVD of the (C_out, C_in/g·k·k) weight
     u, s, vh = shift.svd_u, shift.svd_s, shift.svd_vh
+    assert u.is_contiguous() and vh.is_contiguous()  # LAPACK's column-major U, Vᵀ slow convs ~10x
     assert torch.allclose((u * s) @ vh, weight.reshape(weight.shape[0], -1), atol=1e-6)
     assert torch.allclose(u.T @ u, torch.eye(k), atol=1e-5) and torch.allclose(vh @ vh.T, torch.eye(k), atol=1e-5)
     with torch.no_grad():

@@ -1,10 +1,13 @@
 """Side by side with Hugging Face peft, and against the limits (the frozen model itself).
 
     python -m benchmarks.perf.compare --out benchmarks/results/perf/compare_cpu.json \\
-        --markdown docs/performance.md                      # everything: ~25 min on 2 busy cores
+        --markdown docs/performance.md          # every model, method and apply timing (long)
     python -m benchmarks.perf.compare --model vit --compile --out FILE.json   # one model, + compile
+    python -m benchmarks.perf.compare --model unet --methods lora,bias --out FILE.json
+    python -m benchmarks.perf.compare --model none --apply-models vit_huge_patch14_224 --out FILE.json
     python -m benchmarks.perf.compare --render --out FILE.json --markdown docs/performance.md
     python -m benchmarks.perf.compare --tiny --steps 1 --warmup 1 --infer-reps 1   # smoke test
+The committed results were measured by the commands listed at the end of docs/performance.md.
 
 Models (random init, seeded; the same weights and inputs for every variant):
   vit      timm vit_base_patch16_224, batch 4, 224², cross-entropy over 1000 classes
@@ -38,9 +41,12 @@ Inference (eval, no_grad, the training batch), interleaved the same way, against
   unloaded  peftvision.unload(merge=True) / peft merge_and_unload: the bare model again (its
             module tree is checked against a fresh base model).
 Selective methods add no modules: their unmerged model is their merged one.
-Apply time: of each variant above on its model (real weights), and, in one more process, of every
-method on --apply-model (default vit_huge_patch14_224, built once) and unloaded again; SV-Diff's
-one-time SVD is reported apart.
+Apply time: of each variant above on its model (real weights), and, in one more process per
+--apply-models model (default vit_huge_patch14_224 and sd15-unet, each built once), of every
+method applied and unloaded again; SV-Diff's one-time SVD is reported apart (on a ViT, blocks.0's
+SVDs times the depth unless --full-svd), as are shpeft/spt, whose apply is a pass over data.
+A worker that fails, dies (e.g. out of memory) or passes its time limit becomes a row saying so;
+the others go on.
 --out FILE.json merges into FILE: models measured now replace that file's entries for them.
 --markdown FILE writes the tables (and the targets, checked) from the JSON, never by hand.
 """
@@ -287,6 +293,7 @@ class Subject:
         common.release_memory()
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        self.hwm_reset = common.reset_peak_rss()  # VmHWM from here on: training's own peak
         return {"apply_s": apply_s, "apply_cpu_s": apply_cpu_s,
                 "trainable_params": sum(p.numel() for p in self.trainable),
                 "total_params": sum(p.numel() for p in net.parameters()),
@@ -312,8 +319,9 @@ class Subject:
 
     def memory(self) -> dict[str, float | None]:
         cuda = torch.cuda.max_memory_allocated() / 2**20 if self.device == "cuda" else None
-        return {"peak_rss_mb": common.max_rss_mb(), "rss_mb": common.rss_mb("VmRSS"),
-                "cuda_peak_mb": cuda}
+        return {"peak_rss_mb": common.max_rss_mb(),  # the whole process: apply included
+                "train_peak_rss_mb": common.rss_mb("VmHWM") if self.hwm_reset else None,
+                "rss_mb": common.rss_mb("VmRSS"), "cuda_peak_mb": cuda}
 
     def save(self) -> dict[str, Any]:
         v = self.variant
@@ -388,7 +396,8 @@ class Subject:
         if tiny:
             self.big = CASES["unet" if "unet" in name else "vit"](True).build()
         else:
-            self.big = create_model(name)  # random init: timm name or "sd15-unet"
+            # random init: a timm name (with a 1000-class head, as the ViT-B case) or "sd15-unet"
+            self.big = create_model(name, num_classes=None if "unet" in name else 1000)
         self.big_arch = detect_architecture(self.big)
         return {"build_s": time.perf_counter() - t0, "arch": self.big_arch,
                 "params": sum(p.numel() for p in self.big.parameters()),
@@ -456,7 +465,10 @@ class Worker:
         self.proc.start()
         child.close()
 
-    def call(self, cmd: str, timeout: float | None = None, **kwargs: Any) -> dict[str, Any]:
+    def call(self, cmd: str, timeout: float | None = None, fatal: bool = True,
+             **kwargs: Any) -> dict[str, Any]:
+        """Run `cmd` in the worker. An exception there raises WorkerFailed and, if `fatal`, ends
+        the worker (its state is unknown); a timeout or a crash always ends it."""
         if self.dead:
             raise WorkerFailed(self.dead)
         self.conn.send((cmd, kwargs))
@@ -472,6 +484,8 @@ class Worker:
             raise WorkerFailed(self.dead) from None
         if "error" in reply:
             print(reply.get("traceback", ""), file=sys.stderr)
+            if not fatal:
+                raise WorkerFailed(f"{cmd} failed: {reply['error']}")
             self.kill(f"{cmd} failed: {reply['error']}")
             raise WorkerFailed(self.dead)
         return reply
@@ -658,8 +672,8 @@ def run_apply_timing(ctx, args, name: str) -> dict[str, Any]:
             row = {"method": method, "library": library, "targets": targets, "note": note}
             try:
                 timeout = args.svd_timeout if method == "svdiff" and targets is None else args.setup_timeout
-                row.update(w.call("big_apply", timeout=timeout, method=method, library=library,
-                                  targets=targets))
+                row.update(w.call("big_apply", timeout=timeout, fatal=False, method=method,
+                                  library=library, targets=targets))  # apply rolls back on errors
                 if targets == VIT_BLOCK0:
                     row["estimate_all_blocks_s"] = row["apply_s"] * built["depth"]
                     row["note"] += f"; x{built['depth']} = ~{row['estimate_all_blocks_s']:.0f} s for all"
@@ -707,7 +721,8 @@ def load_results(path: Path | None, env: dict[str, Any] | None) -> dict[str, Any
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.perf.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", choices=(*CASES, "all"), default=["all"])
+    p.add_argument("--model", nargs="+", choices=(*CASES, "all", "none"), default=["all"],
+                   help="models to train and compare; none: only the apply timing")
     p.add_argument("--methods", help="comma-separated peftvision methods (default: all of the "
                                      "architecture's); frozen and the peft peers always run")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per variant")
@@ -737,7 +752,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--steps must be >= 1, --warmup and --infer-reps >= 0")
     if args.render and not args.out:
         p.error("--render needs --out (the JSON to render)")
-    args.models = list(CASES) if "all" in args.model else list(dict.fromkeys(args.model))
+    args.models = list(CASES) if "all" in args.model else [m for m in dict.fromkeys(args.model)
+                                                           if m != "none"]
     args.methods = args.methods.split(",") if args.methods else None
     if args.no_apply_timing:
         args.apply_models = []
@@ -757,7 +773,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"{args.out} does not exist")
     else:  # rendered from the JSON form, exactly as --render would read it back
         data = json.loads(json.dumps(measure(args, argv)))
-    text = render(data)
+    text = render(data, str(args.out)) if args.out else render(data, "(not saved)")
     print("\n" + text)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,8 @@ import torch
 
 import peftvision as pv
 
-from .bias_step import Case, _git_sha, environment, share_frozen_copy, unet_case
+from .bias_step import Case, share_frozen_copy, unet_case
+from .common import environment, git_dirty, git_sha, load_warning, mem_available_bytes, write_json
 
 METHODS: dict[str, Any] = {
     "lora": lambda: pv.config("lora", r=4),  # the reference, alive throughout
@@ -48,17 +48,6 @@ METHODS: dict[str, Any] = {
     "full": lambda: "full",  # last: the largest optimizer state
 }
 ADAMW_BYTES_PER_PARAM = 12  # grad + exp_avg + exp_avg_sq (the weights themselves are shared)
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class Runner:
@@ -73,7 +62,7 @@ class Runner:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in trainable)
         self.optimizer = "adamw"
-        available, need = _available_bytes(), ADAMW_BYTES_PER_PARAM * self.trainable + (2 << 30)
+        available, need = mem_available_bytes(), ADAMW_BYTES_PER_PARAM * self.trainable + (2 << 30)
         if available is not None and need > available:  # + 2 GiB of activations
             self.optimizer = f"sgd (AdamW needs ~{need / 2**30:.1f} GiB, {available / 2**30:.1f} available)"
         self.opt = (torch.optim.AdamW(trainable, lr=1e-4) if self.optimizer == "adamw"
@@ -160,17 +149,15 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--steps >= 1, --warmup >= 0, --methods a subset of {list(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{os.getloadavg()[0]:.2f}", flush=True)
+    load_warning(torch.get_num_threads())
     case = unet_case(args.tiny)
     rows = run(case, names, args.steps, args.warmup)
     print_table(rows, case.config)
     if args.out:
-        data = {"benchmark": "unet_methods", "command": "python -m benchmarks.perf.unet_methods "
-                + " ".join(argv), "git_sha": _git_sha(), "environment": environment(),
-                "config": case.config, "steps": args.steps, "warmup": args.warmup, "rows": rows}
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(data, indent=1, default=str) + "\n")
+        write_json(args.out, {
+            "benchmark": "unet_methods", "command": "python -m benchmarks.perf.unet_methods " + " ".join(argv),
+            "git_sha": git_sha(), "git_dirty": git_dirty(), "environment": environment(),
+            "config": case.config, "steps": args.steps, "warmup": args.warmup, "rows": rows})
         print(f"wrote {args.out}")
 
 
