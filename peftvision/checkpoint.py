@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import AdapterLoadError, CorruptAdapterError, PeftVisionError
+from .errors import AdapterLoadError, CorruptAdapterError, MergeError, PeftVisionError
 from .state import iter_buffers, iter_parameters, require_state
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,6 +79,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
     Writes adapter_model.safetensors, adapter_config.json and (card=True) a README.md model
     card with `tags` and `metrics`. format="peft" writes a LoRA adapter in Hugging Face peft's
     layout instead (plus diffusers' pytorch_lora_weights.safetensors for a UNet)."""
+    from .layers import AdapterLayer
+
+    if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
+        # merging rewrote base weights that the adapter may also hold (biases, norms): refuse
+        raise MergeError("save_adapter: the adapters are merged into the weights; call "
+                         "peftvision.unmerge(model) first (or unload(model, merge=True) and save "
+                         "the plain model's state dict)")
     if format == "peft":
         return _save_peft(model, Path(directory))
     if format != "peftvision":

@@ -428,3 +428,10 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o644}
+
+
+def test_save_refuses_a_merged_model(tmp_path):
+    model = pv.merge(pv.apply(make_model("vit"), ["lora", "bias"]))
+    with pytest.raises(pv.MergeError, match="unmerge"):
+        pv.save_adapter(model, tmp_path)
+    assert not any(tmp_path.iterdir())
