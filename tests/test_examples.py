@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY_ARGS = {"quickstart.py": ["--epochs", "1", "--steps", "2"]}
+TINY_ARGS = {
+    "quickstart.py": ["--epochs", "1", "--steps", "2"],
+    "vit_lora_dermatology.py": ["--tiny"],
+    "resnet50_ssf.py": ["--steps", "4"],
+    "unet_bias_text_to_image.py": ["--tiny"],
+    "shpeft_clip.py": ["--steps", "3"],
+    "hub_push_and_load.py": ["--dry-run", "--steps", "2"],
+}
 
 
 @pytest.mark.parametrize("script", sorted(TINY_ARGS))
