@@ -55,15 +55,6 @@ class Journal:
             self._undo.pop()()
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module, journal: Journal | None = None) -> None:
-    """Put `new` at dotted path `name` (in its parent), recording how to undo it."""
-    parent, child = get_submodule_parent(model, name)
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    if journal is not None:
-        journal.record(lambda: setattr(parent, child, old))
-
-
 def wrap_module(model: nn.Module, name: str, wrapper_factory: Callable[[nn.Module], AdapterLayer],
                 journal: Journal | None = None, innermost: bool = False) -> AdapterLayer:
     """Wrap the module at `name`: outside any adapters already there (methods nest in the order

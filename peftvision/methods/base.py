@@ -38,8 +38,23 @@ class Method:
     def validate(self) -> None:
         """Raise ConfigError for invalid values."""
 
+    # default targets per architecture; a missing architecture needs explicit targets
+    presets: ClassVar[dict[str, TargetSpec]] = {}
+    targets_hint: ClassVar[str] = "module names, a regex, or module types"
+
     def apply_to(self, ctx: ApplyContext) -> None:
         raise NotImplementedError
+
+    def default_targets(self, ctx: ApplyContext) -> TargetSpec:
+        if ctx.architecture not in self.presets:
+            raise UnsupportedArchitectureError(
+                f"{self.name} on a {ctx.architecture} model needs targets=[...] ({self.targets_hint})")
+        return self.presets[ctx.architecture]
+
+    def target_spec(self, ctx: ApplyContext) -> TargetSpec:
+        """The user's targets, else the preset for the model's architecture."""
+        targets = getattr(self, "targets", None)
+        return targets if targets is not None else self.default_targets(ctx)
 
     def remove_from(self, model: nn.Module) -> None:
         """Undo changes other than wrappers and selections (inserted modules); called by unload."""

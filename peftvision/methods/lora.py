@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, UnsupportedArchitectureError
+from ..errors import ConfigError
 from ..layers import AdditiveDeltaLayer
 from ..registry import register_method
 from ..targets import (
@@ -158,6 +158,8 @@ class LoRA(Method):
     architectures: ClassVar = (VIT, RESNET, UNET, GENERIC)
     summary: ClassVar[str] = "low-rank ΔW = (alpha/r)·B·A on Linear/Conv layers (ViT qkv by default)"
     paper: ClassVar[str] = "Hu et al., ICLR 2022"
+    presets: ClassVar = {VIT: VIT_QKV, RESNET: RESNET_BLOCK_CONVS, UNET: UNET_ATTENTION_PROJ}
+    targets_hint: ClassVar[str] = "module names, a regex, or types such as nn.Linear"
 
     def validate(self) -> None:
         positive_int(self.name, "r", self.r)
@@ -173,16 +175,9 @@ class LoRA(Method):
                                   f"got {self.qkv_parts!r}")
             self.qkv_parts = "".join(sorted(parts, key=QKV.index))
 
-    def default_targets(self, ctx: ApplyContext) -> TargetSpec:
-        presets = {VIT: VIT_QKV, RESNET: RESNET_BLOCK_CONVS, UNET: UNET_ATTENTION_PROJ}
-        if ctx.architecture not in presets:
-            raise UnsupportedArchitectureError(
-                "lora on a generic model needs targets=[...] (module names, a regex, or types such as nn.Linear)")
-        return presets[ctx.architecture]
-
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
-        spec = self.targets if self.targets is not None else self.default_targets(ctx)
+        spec = self.target_spec(ctx)
         alpha = float(self.alpha if self.alpha is not None else self.r)
         allowed = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
         for name, module in ctx.find(self, spec, allowed=allowed):

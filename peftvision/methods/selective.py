@@ -37,7 +37,7 @@ class SelectiveMethod(Method):
 
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
-        spec = self.targets if self.targets is not None else self.default_targets(ctx)
+        spec = self.target_spec(ctx)
         # spec None: the whole model (cheaper than matching every module)
         modules = [("", ctx.model)] if spec is None else ctx.find(self, spec, allowed=self.module_types)
         chosen: dict[str, nn.Parameter] = {}
@@ -134,10 +134,8 @@ class Attention(SelectiveMethod):
     architectures: ClassVar[tuple[str, ...]] = (VIT, UNET, GENERIC)
     summary: ClassVar[str] = "attention tuning: ViT `attn` modules, UNet `attentions` blocks"
 
-    def default_targets(self, ctx):
-        if ctx.architecture == VIT:
-            return VIT_ATTENTION
-        if ctx.architecture == UNET:
-            return UNET_ATTENTIONS
-        raise UnsupportedArchitectureError(
-            "attention tuning on a generic model needs targets=[...] naming its attention modules")
+    presets: ClassVar = {VIT: VIT_ATTENTION, UNET: UNET_ATTENTIONS}
+    targets_hint: ClassVar[str] = "names of its attention modules"
+
+    def default_targets(self, ctx):  # the presets, not SelectiveMethod's module types
+        return Method.default_targets(self, ctx)

@@ -13,7 +13,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnsupportedArchitectureError
 from ..layers import AdapterLayer
 from ..registry import register_method
 from ..targets import GENERIC, RESNET, VIT, VIT_SSF, TargetSpec, _loaded_class
@@ -94,21 +93,15 @@ class SSF(Method):
     architectures: ClassVar = (VIT, RESNET, GENERIC)
     summary: ClassVar[str] = "per-channel scale γ and shift β after ViT linears/norms or CNN BatchNorms"
     paper: ClassVar[str] = "Lian et al., NeurIPS 2022"
+    # ResNet: after every BatchNorm, since SSF before a train-mode BN would be normalised away
+    presets: ClassVar = {VIT: VIT_SSF, RESNET: [nn.modules.batchnorm._BatchNorm]}
+    targets_hint: ClassVar[str] = "e.g. [nn.Linear, nn.LayerNorm]"
 
     def validate(self) -> None:
         number_in(self.name, "init_std", self.init_std, 0, 1)
 
-    def default_targets(self, ctx: ApplyContext) -> TargetSpec:
-        if ctx.architecture == VIT:
-            return VIT_SSF
-        if ctx.architecture == RESNET:
-            # after every BatchNorm: SSF before a train-mode BN would be normalised away
-            return [nn.modules.batchnorm._BatchNorm]
-        raise UnsupportedArchitectureError(
-            "ssf on a generic model needs targets=[...] (e.g. [nn.Linear, nn.LayerNorm])")
-
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
-        spec = self.targets if self.targets is not None else self.default_targets(ctx)
+        spec = self.target_spec(ctx)
         for name, _module in ctx.find(self, spec, allowed=SSF_LAYERS):
             ctx.wrap(self, name, lambda m: SSFLayer(m, self.init_std))

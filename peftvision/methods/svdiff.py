@@ -146,17 +146,13 @@ class SVDiff(Method):
     architectures: ClassVar = (UNET, VIT, RESNET, GENERIC)
     summary: ClassVar[str] = "singular-value shifts W = U·diag(ReLU(σ+δ))·Vᵀ of Linear/Conv, δ on norm weights"
     paper: ClassVar[str] = "Han et al., ICCV 2023"
-
-    def default_targets(self, ctx: ApplyContext) -> TargetSpec:
-        if ctx.architecture == GENERIC:
-            raise UnsupportedArchitectureError(
-                "svdiff on a generic model needs targets=[...] (e.g. [nn.Linear, nn.Conv2d, nn.GroupNorm])")
-        # every weight the reference shifts (ResNet's BatchNorms excepted: see apply_to)
-        return list(SVDIFF_LAYERS)
+    # every weight the reference shifts (ResNet's BatchNorms excepted: see apply_to)
+    presets: ClassVar = {arch: list(SVDIFF_LAYERS) for arch in (UNET, VIT, RESNET)}
+    targets_hint: ClassVar[str] = "e.g. [nn.Linear, nn.Conv2d, nn.GroupNorm]"
 
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
-        spec = self.targets if self.targets is not None else self.default_targets(ctx)
+        spec = self.target_spec(ctx)
         # BatchNorm is not offered: its train-mode statistics make w + δ need BN's own forward
         found = [(n, m) for n, m in ctx.find(self, spec, allowed=SVDIFF_LAYERS)
                  if getattr(m, "weight", None) is not None]  # a norm without affine has nothing to shift

@@ -97,13 +97,12 @@ class TSA(Method):
     architectures: ClassVar = (RESNET, GENERIC)
     summary: ClassVar[str] = "parallel 1x1 conv α beside each residual-block conv (+ optional β)"
     paper: ClassVar[str] = "Li et al., CVPR 2022"
+    presets: ClassVar = {RESNET: RESNET_BLOCK_CONVS}
+    targets_hint: ClassVar[str] = "names of its convs"
 
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
-        if self.targets is None and ctx.architecture != RESNET:
-            raise UnsupportedArchitectureError("tsa on a generic model needs targets=[...] naming its convs")
-        spec = self.targets if self.targets is not None else RESNET_BLOCK_CONVS
-        for name, _conv in ctx.find(self, spec, allowed=(nn.Conv2d,)):
+        for name, _conv in ctx.find(self, self.target_spec(ctx), allowed=(nn.Conv2d,)):
             ctx.wrap(self, name, TSAConv)
         if self.alignment:
             heads = [n for n in ctx.head_modules if isinstance(get_module(ctx.model, n), nn.Linear)]
