@@ -173,6 +173,12 @@ def resnet_case(tiny: bool) -> Case:
         def build() -> nn.Module:
             return timm.create_model("resnet50", pretrained=False, num_classes=classes)
 
+    return classifier_case("resnet50-tiny" if tiny else "resnet50", build, batch, size, classes, config)
+
+
+def classifier_case(name: str, build, batch: int, size: int, classes: int, config: dict) -> Case:
+    """An image classifier on random (B, 3, size, size) images with cross-entropy, LoRA r=8."""
+
     def make() -> dict[str, Tensor]:
         return {"x": torch.randn(batch, 3, size, size),  # (B, 3, H, W)
                 "y": torch.randint(0, classes, (batch,))}
@@ -183,8 +189,8 @@ def resnet_case(tiny: bool) -> Case:
     def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
         return F.cross_entropy(output(model, b), b["y"])
 
-    return Case("resnet50-tiny" if tiny else "resnet50", build, _seeded_inputs(make), loss,
-                output, grad_input="x", lora_r=8, config={**config, "loss": "cross_entropy"})
+    return Case(name, build, _seeded_inputs(make), loss, output, grad_input="x", lora_r=8,
+                config={**config, "loss": "cross_entropy"})
 
 
 def unet_case(tiny: bool) -> Case:

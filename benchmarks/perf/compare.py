@@ -75,7 +75,7 @@ from torch import Tensor, nn
 import peftvision as pv
 
 from . import common
-from .bias_step import Case, _seeded_inputs, resnet_case, unet_case
+from .bias_step import Case, classifier_case, resnet_case, unet_case
 from .compare_report import DATA_METHODS, PEFT_PAIRS, render, summarise
 
 SEED = 0
@@ -106,18 +106,8 @@ def vit_case(tiny: bool) -> Case:
         def build() -> nn.Module:
             return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=classes)
 
-    def make() -> dict[str, Tensor]:
-        return {"x": torch.randn(batch, 3, size, size),  # (B, 3, H, W)
-                "y": torch.randint(0, classes, (batch,))}
-
-    def output(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        return model(b["x"])  # (B, classes)
-
-    def loss(model: nn.Module, b: dict[str, Tensor]) -> Tensor:
-        return F.cross_entropy(output(model, b), b["y"])
-
-    return Case("vit-tiny" if tiny else "vit_base_patch16_224", build, _seeded_inputs(make), loss,
-                output, grad_input="x", lora_r=8, config={**config, "loss": "cross_entropy"})
+    return classifier_case("vit-tiny" if tiny else "vit_base_patch16_224", build, batch, size,
+                           classes, config)
 
 
 CASES = {"vit": vit_case, "resnet50": resnet_case, "unet": unet_case}
