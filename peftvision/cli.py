@@ -62,16 +62,12 @@ def cmd_merge(args) -> None:
 
 
 def cmd_push(args) -> None:
-    from huggingface_hub import HfApi
-
     from peftvision.checkpoint import read_adapter
+    from peftvision.hub import push_folder
 
     read_adapter(args.directory)  # refuse to upload something that would not load
-    api = HfApi()
-    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-    info = api.upload_folder(repo_id=args.repo_id, folder_path=str(args.directory),
-                             commit_message=args.message, revision=args.revision)
-    print(getattr(info, "commit_url", info))
+    print(push_folder(args.directory, args.repo_id, private=args.private or None,
+                      revision=args.revision, commit_message=args.message))
 
 
 def cmd_bench(args) -> None:

@@ -24,18 +24,26 @@ def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None,
 
     `tags` go into the card's metadata (e.g. ["medical-imaging"]); `metrics` (name -> value)
     are listed in the card. Returns the URL of the commit."""
-    from huggingface_hub import HfApi
-
     from .checkpoint import save_adapter
 
-    api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="peftvision-push-") as folder:
         save_adapter(model, folder, tags=tags, metrics=metrics)  # fails early, before any upload
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                 commit_message=commit_message or "Upload peftvision adapter")
+        return push_folder(folder, repo_id, private=private, revision=revision,
+                           commit_message=commit_message, token=token)
+
+
+def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None,
+                revision: str | None = None, commit_message: str | None = None,
+                token: str | None = None) -> str:
+    """Upload a saved adapter folder to `repo_id` in one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                             commit_message=commit_message or "Upload peftvision adapter")
     return getattr(info, "commit_url", str(info))
 
 

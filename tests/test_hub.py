@@ -136,3 +136,14 @@ def test_push_without_adapter_fails_before_uploading(fake_hub):
     with pytest.raises(pv.NotAppliedError):
         pv.push_to_hub(make_model("vit"), "me/x")
     assert not fake_hub.calls[1:]  # only HfApi() was built: nothing created or uploaded
+
+
+def test_cli_push_uploads_a_saved_folder(fake_hub, tmp_path, capsys):
+    from peftvision.cli import main
+
+    pv.save_adapter(trained_vit(), tmp_path / "adapter")
+    main(["push", str(tmp_path / "adapter"), "me/from-cli", "--revision", "v2"])
+    assert capsys.readouterr().out.strip().endswith("/commit/1")
+    upload = next(c for c in fake_hub.calls if c[0] == "upload_folder")
+    assert upload[1] == "me/from-cli" and upload[2]["revision"] == "v2"
+    assert (fake_hub.uploads[0] / "adapter_model.safetensors").is_file()
