@@ -17,6 +17,7 @@ from .registry import get_method
 from .state import STATE_ATTR, PeftState, get_state, iter_parameters, require_state
 from .surgery import Journal, decouple_conv_biases, get_module, restore_conv_classes, unwrap_all
 from .targets import detect_architecture, head_modules
+from .wrappers import unwrap
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 MethodSpec = str | Method
@@ -24,6 +25,9 @@ MethodSpec = str | Method
 
 def resolve_methods(method: MethodSpec | Sequence[MethodSpec], cfg: dict[str, Any]) -> list[Method]:
     """Names, config objects or a list of them -> validated config objects."""
+    if not isinstance(method, (str, Method, list, tuple)):
+        raise ConfigError(f"method must be a name such as 'lora', a config object, or a list of them, "
+                          f"got {method!r}; see peftvision.methods() for the names")
     specs = [method] if isinstance(method, (str, Method)) else list(method)
     if not specs:
         raise ConfigError("apply needs at least one method, e.g. apply(model, 'lora', r=8)")
@@ -76,6 +80,10 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
     (decided by the first apply; later calls keep it), and what was applied is recorded on the
     model. On any error the model is left as it was.
     """
+    if train_head is not None and not isinstance(train_head, bool):
+        raise ConfigError(f"train_head must be True, False or None (keep the first apply's choice), "
+                          f"got {train_head!r}")
+    wrapper, model = model, unwrap(model)
     methods = resolve_methods(method, cfg)
     previous = get_state(model)
     if train_head is None:
@@ -123,7 +131,7 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
             param.requires_grad_(flag)
         raise
     object.__setattr__(model, STATE_ATTR, state)
-    return model
+    return wrapper
 
 
 def _adapter_layers(model: nn.Module) -> list[AdapterLayer]:
@@ -132,14 +140,15 @@ def _adapter_layers(model: nn.Module) -> list[AdapterLayer]:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer's weights (selective methods need nothing)."""
+    wrapper, model = model, unwrap(model)
     require_state(model, "merge")
     layers = _adapter_layers(model)
     _check_mergeable(layers, "merge")
     if layers and all(m.merged for m in layers):
         warnings.warn("peftvision.merge: the adapters are already merged; nothing to do", stacklevel=2)
-        return model
+        return wrapper
     _merge_layers(layers)
-    return model
+    return wrapper
 
 
 def _check_mergeable(layers: list[AdapterLayer], action: str) -> None:
@@ -166,10 +175,11 @@ def _merge_layers(layers: list[AdapterLayer]) -> None:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`: restore the base weights and run the adapters separately again."""
+    wrapper, model = model, unwrap(model)
     require_state(model, "unmerge")
     for layer in _adapter_layers(model):  # outermost first: the exact inverse of merge's order
         layer.unmerge()
-    return model
+    return wrapper
 
 
 def unload(model: ModelT, merge: bool = False) -> ModelT:
@@ -178,6 +188,7 @@ def unload(model: ModelT, merge: bool = False) -> ModelT:
     merge=True folds mergeable adapters into the weights first (for deployment); merge=False
     drops them and restores the original weights and requires_grad flags.
     """
+    wrapper, model = model, unwrap(model)
     state = require_state(model, "unload")
     if merge:
         layers = _adapter_layers(model)
@@ -192,4 +203,4 @@ def unload(model: ModelT, merge: bool = False) -> ModelT:
     for entry in iter_parameters(model):
         entry.param.requires_grad_(state.original_requires_grad.get(entry.canonical, True))
     object.__delattr__(model, STATE_ATTR)
-    return model
+    return wrapper

@@ -128,7 +128,7 @@ def test_pull_offline_with_nothing_cached(monkeypatch):
 
 
 def test_not_a_repo_id_nor_folder():
-    with pytest.raises(pv.AdapterLoadError, match="neither an existing folder"):
+    with pytest.raises(pv.AdapterLoadError, match="does not exist"):
         pv.load_adapter(make_model("vit"), "no/such/folder")
 
 

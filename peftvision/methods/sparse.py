@@ -184,6 +184,11 @@ class SparseDeltaLayer(AdapterLayer):
             self._checked[name] = key
         return idx
 
+    def check_loaded(self) -> None:
+        """Validate every index buffer now (load_adapter calls this after filling them)."""
+        for name in self.names:
+            self.indices(name)
+
     def effective(self, name: str) -> Tensor:
         """p + Δp (differentiable in the values)."""
         return add_at(self.target(name), self.indices(name), getattr(self, f"values_{name}"))
