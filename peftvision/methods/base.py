@@ -151,6 +151,7 @@ class ApplyContext:
         """Make these existing (canonical name, parameter) pairs trainable for `method`."""
         count = 0
         for canonical, param in params:
+            self.state.keep(canonical, param)  # before training changes it (unload restores it)
             param.requires_grad_(True)
             if canonical not in self.state.selected:  # selected by two methods: counted once
                 self.state.selected[canonical] = method.name

@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact
 from ..registry import register_method
 from ..targets import GENERIC, RESNET, VIT, VIT_SSF, TargetSpec, _loaded_class
 from .base import ApplyContext, Method, number_in
@@ -45,7 +45,7 @@ class SSFLayer(AdapterLayer):
         self.channel_dim = channel_dim(layer)
         channels = out_channels(layer)
         ref = next(layer.parameters(), None)
-        kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
+        kwargs = like_kwargs(ref) if ref is not None else {}
         self.ssf_scale = nn.Parameter(torch.empty(channels, **kwargs).normal_(1.0, init_std))
         self.ssf_shift = nn.Parameter(torch.empty(channels, **kwargs).normal_(0.0, init_std))
 
@@ -58,10 +58,11 @@ class SSFLayer(AdapterLayer):
         out = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return out
+        scale, shift = self.ssf_scale.to(out.dtype), self.ssf_shift.to(out.dtype)  # an fp32 adapter on half
         if self.channel_dim == -1:  # (..., C): plain broadcasting
-            return out * self.ssf_scale + self.ssf_shift
-        scale = self._view(self.ssf_scale, out.dim(), self.channel_dim)  # (1, C, 1, 1)
-        shift = self._view(self.ssf_shift, out.dim(), self.channel_dim)
+            return out * scale + shift
+        scale = self._view(scale, out.dim(), self.channel_dim)  # (1, C, 1, 1)
+        shift = self._view(shift, out.dim(), self.channel_dim)
         return out * scale + shift
 
     def needs_bias_to_merge(self) -> bool:
@@ -73,11 +74,16 @@ class SSFLayer(AdapterLayer):
             return self.ssf_scale  # norm weights: channels are the last axis
         return self._view(self.ssf_scale, weight.dim(), 0)  # Linear/Conv: output channels are dim 0
 
-    def merged_weight_and_bias(self, weight, bias):
-        return weight * self._weight_scale(weight), bias * self.ssf_scale + self.ssf_shift
+    def needs_stash(self) -> bool:  # dividing by a zero or tiny γ would not give W back
+        return not scale_inverse_is_exact(self.ssf_scale, self.merge_layer.weight.dtype)
 
-    def unmerged_weight_and_bias(self, weight, bias):
-        return weight / self._weight_scale(weight), (bias - self.ssf_shift) / self.ssf_scale
+    def merge_into(self, weight, bias):  # in place; the products are rounded once into W's dtype
+        weight.mul_(self._weight_scale(weight))
+        bias.mul_(self.ssf_scale).add_(self.ssf_shift)
+
+    def unmerge_from(self, weight, bias):
+        weight.div_(self._weight_scale(weight))
+        bias.sub_(self.ssf_shift).div_(self.ssf_scale)
 
 
 @register_method

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedArchitectureError
-from ..layers import AdditiveDeltaLayer
+from ..layers import AdditiveDeltaLayer, like_kwargs
 from ..registry import register_method
 from ..surgery import BiasDecoupledConv1d, BiasDecoupledConv2d, BiasDecoupledConv3d
 from ..targets import GENERIC, RESNET, UNET, VIT, TargetSpec
@@ -60,11 +60,13 @@ def _run(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Te
 class SpectralShift(AdditiveDeltaLayer):
     """δ on the singular values of a Linear/Conv weight, or added to a norm's weight."""
 
+    stash_on_merge = True  # unmerge restores W bitwise (module docstring)
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         weight = self.weighted_layer.weight.detach()
         if isinstance(self.weighted_layer, _NORMS):
-            self.svd_delta = nn.Parameter(torch.zeros_like(weight))  # (C,) or normalized_shape
+            self.svd_delta = nn.Parameter(torch.zeros(weight.shape, **like_kwargs(weight)))  # (C,) or normalized_shape
             self.svd_u = self.svd_s = self.svd_vh = None
             return
         mat = weight.reshape(weight.shape[0], -1)  # (C_out, C_in/g·k·k)
@@ -74,14 +76,14 @@ class SpectralShift(AdditiveDeltaLayer):
         # contiguous: LAPACK's column-major U and Vᵀ make every conv with them ~10x slower
         for name, t in (("svd_u", u), ("svd_s", s), ("svd_vh", vh)):
             self.register_buffer(name, t.to(weight.dtype).contiguous(), persistent=False)
-        self.svd_delta = nn.Parameter(torch.zeros_like(self.svd_s))  # (k,)
+        self.svd_delta = nn.Parameter(torch.zeros(self.svd_s.shape, **like_kwargs(weight)))  # (k,)
 
-    def _shift(self) -> Tensor:
-        return F.relu(self.svd_s + self.svd_delta) - self.svd_s  # (k,), exactly 0 at δ = 0
+    def _shift(self) -> Tensor:  # in the factors' (the base's) dtype: δ may be fp32 on a half base
+        return (F.relu(self.svd_s + self.svd_delta) - self.svd_s).to(self.svd_s.dtype)  # (k,), 0 at δ = 0
 
     def delta_weight(self) -> Tensor:
         if self.svd_s is None:  # norm weight: additive
-            return self.svd_delta
+            return self.svd_delta.to(self.weighted_layer.weight.dtype)
         return ((self.svd_u * self._shift()) @ self.svd_vh).view(self.weighted_layer.weight.shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -120,17 +122,11 @@ class SpectralShift(AdditiveDeltaLayer):
         pointwise = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[z.dim()]
         return pointwise(z, u.view(*u.shape, *([1] * (z.dim() - 2))))  # 1x1 conv: (B, m, *spatial')
 
-    # -- exact unmerge: keep the base weight while merged ----------------------------------------
-    def merged_weight_and_bias(self, weight, bias):
-        self.register_buffer("base_weight_backup", weight.detach().clone(), persistent=False)
-        return super().merged_weight_and_bias(weight, bias)
-
-    def unmerged_weight_and_bias(self, weight, bias):
-        backup = getattr(self, "base_weight_backup", None)
-        if backup is None:  # not merged by this object (cannot happen through merge())
-            return super().unmerged_weight_and_bias(weight, bias)
-        del self.base_weight_backup
-        return backup, None
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if self.svd_s is None or not weight.is_contiguous():
+            return super().add_delta_(weight, sign)
+        mat = weight.view(self.svd_u.shape[0], -1)  # (m, n), in place: W += U·diag(shift)·Vᵀ
+        mat.addmm_(self.svd_u * self._shift(), self.svd_vh, alpha=sign)
 
 
 @register_method
