@@ -37,6 +37,10 @@ class MergeError(PeftVisionError, RuntimeError):
     """The applied adapters cannot be merged (or unmerged)."""
 
 
+class OfflineError(PeftVisionError, ConnectionError):
+    """The Hugging Face Hub cannot be reached and the operation needs it."""
+
+
 class AdapterLoadError(PeftVisionError, ValueError):
     """An adapter checkpoint cannot be loaded onto this model."""
 
