@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from peftvision.progress import enabled as progress_enabled
+
 if TYPE_CHECKING:  # optuna and benchmarks.train are imported only when a search runs
     import optuna
 
@@ -232,7 +234,8 @@ def run_hpo(
         n = max(0, min(n, total_trials - len(study.get_trials(deepcopy=False, states=finished))))
         callbacks.append(optuna.study.MaxTrialsCallback(total_trials, states=finished))
     if n:
-        study.optimize(objective, n_trials=n, callbacks=callbacks, gc_after_trial=True)
+        study.optimize(objective, n_trials=n, callbacks=callbacks, gc_after_trial=True,
+                       show_progress_bar=progress_enabled())  # a bar over trials on a terminal
 
     summary = summarize(study, storage=storage, base=base, search=search, seed=seed,
                         pruner={"min_resource": min_resource, "reduction_factor": reduction_factor})

@@ -10,6 +10,7 @@ from .errors import (
                      CorruptAdapterError,
                      MergeError,
                      NotAppliedError,
+                     OfflineError,
                      PeftVisionError,
                      TargetError,
                      UnknownMethodError,
@@ -24,4 +25,5 @@ __all__ = [
     "save_adapter", "load_adapter", "push_to_hub", "methods", "get_method", "register_method",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
     "UnsupportedArchitectureError", "MergeError", "NotAppliedError", "AdapterLoadError", "CorruptAdapterError",
+    "OfflineError",
 ]

@@ -13,6 +13,7 @@ from torch import nn
 from .errors import ConfigError, MergeError
 from .identity import base_identity
 from .layers import AdapterLayer, adapter_dtype_scope
+from .log import log_apply
 from .methods.base import ApplyContext, Method, make_config
 from .registry import get_method
 from .state import STATE_ATTR, PeftState, get_state, iter_buffers, iter_parameters, require_state
@@ -165,6 +166,7 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
             param.requires_grad_(flag)
         raise
     object.__setattr__(model, STATE_ATTR, state)
+    log_apply(model, methods, state)
     return wrapper
 
 

@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError, CorruptAdapterError
 from ..layers import AdapterLayer, like_kwargs
+from ..progress import progress
 from ..targets import ARCHITECTURES, UNET, TargetSpec, check_target_spec
 from .base import ApplyContext, Method, number_in, parameters_under, positive_int
 
@@ -432,6 +433,15 @@ def _run(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def _length(data: Iterable, batches: int | None) -> int | None:
+    """How many batches the pass will take, for the progress bar (None: unknown)."""
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:  # a generator
+        return batches
+    return n if batches is None else min(n, batches)
+
+
 def accumulate_gradients(model: nn.Module, params: list[nn.Parameter], data: Iterable,
                          batches: int | None, loss_fn: Callable, *, square: bool,
                          method: str) -> list[Tensor]:
@@ -466,7 +476,8 @@ def accumulate_gradients(model: nn.Module, params: list[nn.Parameter], data: Ite
         handles = [p.register_post_accumulate_grad_hook(fold(i)) for i, p in enumerate(params)]
         model.eval()
         with torch.enable_grad():
-            for batch in data:
+            for batch in progress(data, f"{method}: importance", total=_length(data, batches),
+                                  unit="batch"):
                 if batches is not None and seen >= batches:
                     break
                 if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
