@@ -15,6 +15,7 @@ from .data import spec_name
 from .generation.run import add_generation_parser
 from .hpo import add_hpo_parser
 from .presets import DATASETS, PRESETS, demo_runs, expand, missing_data, resolve_datasets
+from .reproduce.cli import add_reproduce_parser
 from .results import RESULT_NAME, run_name
 
 
@@ -283,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_hpo_parser(sub)  # `hpo`: Optuna learning-rate search over run_experiment
     add_generation_parser(sub)  # `generate`: text-to-image UNet fine-tuning with FID
+    add_reproduce_parser(sub)  # `reproduce NAME`: a paper's table or figure with its settings
     return parser
 
 

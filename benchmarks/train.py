@@ -42,7 +42,7 @@ class RunConfig:
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 0.05
-    batch_size: int = 32
+    batch_size: int = 32    # images per optimiser step (split into accumulation_steps micro-batches)
     image_size: int = 224
     seed: int = 0
     data_fraction: float = 1.0
@@ -63,6 +63,7 @@ class RunConfig:
     name: str | None = None  # run directory name under `out` (default from dataset/model/...)
     mixed_precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, none on CPU) | "no" | "fp16" | "bf16"
     quiet: bool = False
+    accumulation_steps: int = 1  # gradient accumulation: batch_size // this images per forward
 
     def __post_init__(self) -> None:
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -99,7 +100,8 @@ def make_accelerator(cfg: RunConfig):
 
 def _loader(dataset, cfg: RunConfig, shuffle: bool, seed: int):
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle,
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size // cfg.accumulation_steps,
+                                       shuffle=shuffle,
                                        num_workers=cfg.num_workers, generator=g,
                                        persistent_workers=cfg.num_workers > 0,  # keeps their caches
                                        pin_memory=torch.cuda.is_available())
@@ -190,7 +192,8 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
-    steps_per_epoch = max(1, len(train_loader))
+    accumulate = cfg.accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / accumulate))  # optimiser steps
     total = cfg.epochs * steps_per_epoch
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 2)  # a short run still decays
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup))
@@ -205,12 +208,16 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
             losses = []
             bar = tqdm(train_loader, desc=f"{label} epoch {epoch}/{cfg.epochs}", leave=False,
                        disable=None if accelerator.is_main_process and not cfg.quiet else True)
-            for x, y in bar:
+            n, full = len(train_loader), len(train_loader) // accumulate * accumulate
+            for i, (x, y) in enumerate(bar):
+                # accumulation: with equal micro-batches the summed gradients are the full batch's
+                group = accumulate if i < full else n - full  # the epoch's last, shorter group
                 loss = F.cross_entropy(model(x), y)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss / group)
+                if (i + 1) % accumulate == 0 or i + 1 == n:
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             val = evaluate(model, val_loader, accelerator, data.num_classes)
