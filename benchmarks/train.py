@@ -26,11 +26,18 @@ import torch.nn.functional as F
 
 import peftvision as pv
 
-from .data import load_dataset, stratified_subset
-from .images import ImageDataset
+from .data import load_dataset, spec_name, stratified_subset
+from .images import DataError, ImageDataset
 from .metrics import classification_metrics
 from .models import build_model, data_config, load_weights, method_configs, method_names, needs_data
-from .results import environment, peak_memory, reset_peak_memory, run_name, write_result
+from .results import (
+    config_digest,
+    environment,
+    peak_memory,
+    reset_peak_memory,
+    run_name,
+    write_result,
+)
 
 
 @dataclass
@@ -98,11 +105,15 @@ def make_accelerator(cfg: RunConfig):
     return Accelerator(cpu=not cuda, mixed_precision=precision)
 
 
-def _loader(dataset, cfg: RunConfig, shuffle: bool, seed: int):
+def _loader(dataset, cfg: RunConfig, shuffle: bool, seed: int, train: bool = False):
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size // cfg.accumulation_steps,
-                                       shuffle=shuffle,
-                                       num_workers=cfg.num_workers, generator=g,
+    # A last training batch of one sample fails in BatchNorm wherever the map is 1x1 (ResNet at
+    # 28 px: "Expected more than 1 value per channel"): drop that one sample (a different one each
+    # epoch, as batches are shuffled). Other last batches, and evaluation, keep every sample.
+    micro_batch = cfg.batch_size // cfg.accumulation_steps
+    drop_last = train and len(dataset) > 1 and len(dataset) % micro_batch == 1
+    return torch.utils.data.DataLoader(dataset, batch_size=micro_batch, shuffle=shuffle,
+                                       drop_last=drop_last, num_workers=cfg.num_workers, generator=g,
                                        persistent_workers=cfg.num_workers > 0,  # keeps their caches
                                        pin_memory=torch.cuda.is_available())
 
@@ -167,6 +178,10 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
                         test_fraction=cfg.test_fraction, data_root=cfg.data_root)
     if cfg.dataset_name:
         data.name = cfg.dataset_name
+    empty = [s for s, split in data.splits.items() if len(split) == 0]
+    if empty:  # else the run trains and writes an n=0 result that would enter the tables
+        raise DataError(f"{cfg.dataset}: the {'/'.join(empty)} split has no images; give each split "
+                        "images (or a larger val/test fraction)")
     train_split = data.splits["train"]
     train_split = train_split.subset(stratified_subset(train_split.labels, cfg.data_fraction, cfg.seed))
     model = build_model(cfg.model, data.num_classes, cfg.image_size,
@@ -175,7 +190,7 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
     norm = data_config(model)
     make = lambda split, train: ImageDataset(split, cfg.image_size, norm["mean"], norm["std"], train)  # noqa: E731
     train_set = make(train_split, True)
-    train_loader = _loader(train_set, cfg, True, cfg.seed)
+    train_loader = _loader(train_set, cfg, True, cfg.seed, train=True)
     val_loader = _loader(make(data.splits["val"], False), cfg, False, cfg.seed)
     test_loader = _loader(make(data.splits["test"], False), cfg, False, cfg.seed)
 
@@ -244,7 +259,7 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
         test = evaluate(model, test_loader, accelerator, data.num_classes)
         memory = peak_memory(device)
         result = {
-            "kind": "peftvision-benchmark-run", "schema": 1,
+            "kind": "peftvision-benchmark-run", "schema": 1, "config_digest": run_digest(cfg),
             "config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "method": names,
                        "method_options": _json_options(cfg.method_options)},
             "method": {"label": label, "names": names, "options": _json_options(cfg.method_options)},
@@ -284,10 +299,35 @@ def _json_options(options: dict) -> dict:
             for k, v in options.items()}
 
 
+# Where a run is written and how it is shown, not what it computes: left out of the digest.
+NOT_IN_DIGEST = ("out", "name", "quiet", "device", "num_workers", "data_root", "label", "dataset_name")
+
+
+def run_digest(cfg: RunConfig) -> str:
+    """config_digest of what decides a run's numbers: every RunConfig field but NOT_IN_DIGEST,
+    methods by canonical name, data and weights by file name (the same run on another machine,
+    with its files elsewhere, is the same run)."""
+    kind, _, arg = cfg.dataset.partition(":")
+    config = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IN_DIGEST}
+    config.update(dataset=f"{kind}:{Path(arg.rstrip('/')).name}" if arg else kind,
+                  method=method_names(cfg.method), method_options=_json_options(cfg.method_options),
+                  weights=Path(cfg.weights).name if cfg.weights else None)
+    return config_digest(config)
+
+
+def run_dir_name(cfg: RunConfig) -> str:
+    """cfg.name, else dataset__model__method__f<fraction>__s<seed>__<run_digest>."""
+    if cfg.name:
+        return cfg.name
+    label = cfg.label or "+".join(method_names(cfg.method))
+    return run_name(cfg.dataset_name or spec_name(cfg.dataset), cfg.model, label, cfg.data_fraction,
+                    cfg.seed, run_digest(cfg))
+
+
 def _save_adapter(model, cfg: RunConfig, result: dict, accelerator, dataset: str, label: str) -> dict:
     """pv.save_adapter into <out>/<run>/ (a temporary directory when cfg.out is None, just to
     measure it); returns the run name, the path and the size of adapter_model.safetensors."""
-    run = cfg.name or run_name(dataset, cfg.model, label, cfg.data_fraction, cfg.seed)
+    run = run_dir_name(cfg)
     if not accelerator.is_main_process:
         return {"run": run, "path": None, "bytes": None}
     metrics = {f"test_{k}": result["metrics"]["test"][k] for k in ("macro_f1", "accuracy")}
