@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..affine import affine
 from ..errors import UnsupportedArchitectureError
 from ..layers import AdapterLayer
 from ..registry import register_method
@@ -82,7 +83,7 @@ class ChannelScale(AdapterLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)  # (B, N, C)
-        return out if self.merged else out * self.difffit_scale
+        return out if self.merged else affine(out, self.difffit_scale)
 
     def merged_weight_and_bias(self, weight, bias):  # weight (C, in): scale its output rows
         return weight * self.difffit_scale[:, None], None if bias is None else bias * self.difffit_scale
