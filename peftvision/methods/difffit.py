@@ -27,6 +27,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..affine import affine
 from ..errors import UnsupportedArchitectureError
 from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact
 from ..registry import register_method
@@ -84,7 +85,7 @@ class ChannelScale(AdapterLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)  # (B, N, C)
-        return out if self.merged else out * self.difffit_scale.to(out.dtype)
+        return out if self.merged else affine(out, self.difffit_scale.to(out.dtype))
 
     def merge_into(self, weight, bias):  # weight (C, in): scale its output rows in place
         weight.mul_(self.difffit_scale[:, None])

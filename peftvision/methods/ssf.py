@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..affine import affine
 from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact
 from ..registry import register_method
 from ..targets import GENERIC, RESNET, VIT, VIT_SSF, TargetSpec, _loaded_class
@@ -38,6 +40,15 @@ def out_channels(layer: nn.Module) -> int:
     return layer.normalized_shape[-1]  # LayerNorm
 
 
+def _is_plain_layer_norm(layer: nn.Module) -> bool:
+    """A LayerNorm whose forward is F.layer_norm with its own parameters (torch's, or timm's
+    without its fused kernel)."""
+    if type(layer) is nn.LayerNorm:
+        return True
+    timm_ln = _loaded_class("timm.layers.norm", "LayerNorm")
+    return timm_ln is not None and type(layer) is timm_ln and not getattr(layer, "_fast_norm", True)
+
+
 class SSFLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, init_std: float = 0.02) -> None:
         super().__init__(base_layer)
@@ -55,15 +66,22 @@ class SSFLayer(AdapterLayer):
         return v.view(shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not self.merged and _is_plain_layer_norm(self.base_layer):
+            return self._scaled_layer_norm(x)
         out = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return out
         scale, shift = self.ssf_scale.to(out.dtype), self.ssf_shift.to(out.dtype)  # an fp32 adapter on half
-        if self.channel_dim == -1:  # (..., C): plain broadcasting
-            return out * scale + shift
-        scale = self._view(scale, out.dim(), self.channel_dim)  # (1, C, 1, 1)
-        shift = self._view(shift, out.dim(), self.channel_dim)
-        return out * scale + shift
+        return affine(out, scale, shift, self.channel_dim)  # keeps y, not out
+
+    def _scaled_layer_norm(self, x: Tensor) -> Tensor:
+        """γ ⊙ LN(x) + β as one layer norm with weight γ ⊙ w and bias γ ⊙ b + β (the merged form,
+        equal up to fp32 rounding): it keeps only the norm's input, which it keeps anyway."""
+        norm, scale, shift = self.base_layer, self.ssf_scale, self.ssf_shift
+        weight = scale if norm.weight is None else norm.weight * scale
+        bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale)
+        dtype = x.dtype  # an fp32 adapter beside a half norm computes in the activations' dtype
+        return F.layer_norm(x, norm.normalized_shape, weight.to(dtype), bias.to(dtype), norm.eps)
 
     def needs_bias_to_merge(self) -> bool:
         return True

@@ -15,6 +15,10 @@ model. Each call takes the cheaper of two equal forms (no SVD ever runs after ap
 - factored: layer(x) + U·(shift ⊙ Vᵀx), ΔW never formed (few positions, e.g. a UNet's deep
   levels: at 4x4 positions, rebuilding a 1280 x 11520 ΔW costs ~80x the conv itself).
 
+Without gradients (inference) W + ΔW is built once and reused until δ or W change (their
+_version counters and storage are the key), so the unmerged model runs at the base model's cost
+and holds one more copy of each shifted weight; a forward with gradients frees that copy.
+
 Merge writes W + ΔW and keeps W in a non-persistent buffer so that unmerge restores the original
 weight bitwise ((W + ΔW) − ΔW is not W in floating point); a merged model therefore holds one
 extra copy of each shifted weight until it is unmerged or unloaded.
@@ -92,12 +96,30 @@ class SpectralShift(AdditiveDeltaLayer):
             return self.base_layer(x, *args, **kwargs)
         layer = self.weighted_layer
         direct = self.base_layer is layer and type(layer).forward in _PLAIN_FORWARDS
+        if self.svd_s is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            weight = self._inference_weight(direct)  # W' (or ΔW when nested), built once per δ
+            if direct:
+                return _run(layer, x, weight, layer.bias)
+            return self.base_layer(x, *args, **kwargs) + _run(layer, x, weight, None)
+        if getattr(self, "_cache", None) is not None:
+            self._cache = None  # training: δ changes every step, free the inference copy
         if self.svd_s is not None and self.factored_is_cheaper(x, direct):
             return self.base_layer(x, *args, **kwargs) + self._factored_delta(x)
         if direct:  # one call of the layer's op with W' = W + ΔW
             return _run(layer, x, layer.weight + self.delta_weight(), layer.bias)
         # nested in another adapter (or an unusual layer subclass): add ΔW's own output
         return self.base_layer(x, *args, **kwargs) + _run(layer, x, self.delta_weight(), None)
+
+    def _inference_weight(self, direct: bool) -> Tensor:
+        """W + ΔW (direct) or ΔW, rebuilt only when δ, W or their storage changed: an optimizer
+        step, load_state_dict or copy_ bumps a tensor's _version, `.to()` gives a new storage."""
+        layer = self.weighted_layer
+        key = tuple((t.data_ptr(), t._version) for t in (self.svd_delta, layer.weight)) + (direct,)
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != key:
+            delta = self.delta_weight()
+            cache = self._cache = (key, layer.weight + delta if direct else delta)
+        return cache[1]
 
     def factored_is_cheaper(self, x: Tensor, direct: bool) -> bool:
         """Multiply-adds of the two ways to train δ, forward + backward, beyond the frozen layer:
