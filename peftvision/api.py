@@ -107,7 +107,7 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
         ctx = ApplyContext(model, state, journal, heads)
         for m in methods:
             m.apply_to(ctx)
-            state.methods.append(m)
+            state.methods.append(ctx.recorded.get(m.name, m))
         if train_head:
             for name in heads:
                 for entry in iter_parameters(get_module(model, name)):

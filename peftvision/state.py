@@ -25,10 +25,13 @@ class PeftState:
     base_identity: dict
     original_requires_grad: dict[str, bool]
     train_head: bool = True
+    # the applied configs as recorded (ApplyContext.record): what adapter_config.json keeps
     methods: list[Method] = field(default_factory=list)
     # canonical parameter name -> the method that selected it (the first one, if several did)
     selected: dict[str, str] = field(default_factory=dict)
     head: list[str] = field(default_factory=list)
+    wrapped: dict[str, list[str]] = field(default_factory=dict)  # method -> canonical module names
+    adapter_name: str = "default"
 
 
 def get_state(model: nn.Module) -> PeftState | None:

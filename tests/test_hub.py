@@ -115,7 +115,7 @@ def test_pull_adapter_for_another_base(fake_hub):
     resnet = make_model("resnet")
     with pytest.raises(pv.AdapterLoadError, match="saved for"):
         pv.load_adapter(resnet, "me/vit-lora")
-    assert not hasattr(resnet, "_peftvision_state")
+    assert pv.applied(resnet) is None
 
 
 def test_pull_offline_with_nothing_cached(monkeypatch):
