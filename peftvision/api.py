@@ -69,21 +69,31 @@ def config(name: str, **cfg: Any) -> Method:
 
 
 def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
-          train_head: bool | None = None, **cfg: Any) -> ModelT:
+          train_head: bool | None = None, fast_conv_bias: bool | None = None, **cfg: Any) -> ModelT:
     """Apply one or more PEFT methods to `model` in place and return it.
 
-    The base model is frozen, the classifier head stays trainable unless `train_head=False`
-    (decided by the first apply; later calls keep it), and what was applied is recorded on the
-    model. On any error the model is left as it was.
+    The base model is frozen, the classifier head stays trainable unless `train_head=False`,
+    and what was applied is recorded on the model (peftvision.applied). `fast_conv_bias`
+    (default True) lets a conv whose bias trains while its weight is frozen add the bias outside
+    the conv, so backward computes no weight gradient; it does so by giving the conv a subclass
+    of its class (isinstance holds, pickles name the original class); False leaves every module's
+    class as it is. Both are decided by the first apply; later calls keep them. On any error the
+    model is left as it was.
     """
     methods = resolve_methods(method, cfg)
     previous = get_state(model)
     if train_head is None:
         train_head = previous.train_head if previous is not None else True
+    if fast_conv_bias is None:
+        fast_conv_bias = previous.fast_conv_bias if previous is not None else True
     if previous is not None:
         if train_head != previous.train_head:
             raise ConfigError(f"train_head={train_head} differs from the first apply "
                               f"(train_head={previous.train_head}); unload and apply again to change it")
+        if fast_conv_bias != previous.fast_conv_bias:
+            raise ConfigError(f"fast_conv_bias={fast_conv_bias} differs from the first apply "
+                              f"(fast_conv_bias={previous.fast_conv_bias}); unload and apply again "
+                              "to change it")
         if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
             raise MergeError("the model's adapters are merged; call peftvision.unmerge(model) "
                              "before applying more methods")
@@ -97,6 +107,7 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
         base_identity=base_identity(model),
         original_requires_grad={e.canonical: e.param.requires_grad for e in iter_parameters(model)},
         train_head=train_head,
+        fast_conv_bias=fast_conv_bias,
     )
     grad_before = {e.param: e.param.requires_grad for e in iter_parameters(model)}
     journal = Journal()
@@ -116,7 +127,8 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
                         canonical = f"{name}.{entry.canonical}"
                         if canonical not in state.head:
                             state.head.append(canonical)
-        decouple_conv_biases(model, journal)
+        if fast_conv_bias:
+            decouple_conv_biases(model, journal)
     except BaseException:
         journal.rollback()
         for param, flag in grad_before.items():

@@ -41,6 +41,7 @@ class AppliedRecord:
     architecture: str
     base_model: Mapping[str, Any]  # the base model's identity (class, name, fingerprint)
     train_head: bool
+    fast_conv_bias: bool  # apply(..., fast_conv_bias=): whether convs may get the bias fast path
     head: tuple[str, ...]  # canonical names of the head parameters trained whole
     methods: tuple[MethodRecord, ...]  # in the order they were applied
 
@@ -74,6 +75,7 @@ def applied(model: nn.Module) -> AppliedRecord | None:
         architecture=state.architecture,
         base_model=MappingProxyType(dict(state.base_identity)),
         train_head=state.train_head,
+        fast_conv_bias=state.fast_conv_bias,
         head=tuple(state.head),
         methods=methods,
     )

@@ -25,6 +25,7 @@ class PeftState:
     base_identity: dict
     original_requires_grad: dict[str, bool]
     train_head: bool = True
+    fast_conv_bias: bool = True  # convs with a frozen weight and a trained bias get a fast subclass
     # the applied configs as recorded (ApplyContext.record): what adapter_config.json keeps
     methods: list[Method] = field(default_factory=list)
     # canonical parameter name -> the method that selected it (the first one, if several did)
