@@ -83,20 +83,26 @@ def check_adapter_dtype(value: Any) -> torch.dtype | str | None:
 
 def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
           train_head: bool | None = None, keep_original: bool | None = None,
-          adapter_dtype: torch.dtype | str | None = None, **cfg: Any) -> ModelT:
+          adapter_dtype: torch.dtype | str | None = None, fast_conv_bias: bool | None = None,
+          **cfg: Any) -> ModelT:
     """Apply one or more PEFT methods to `model` in place and return it.
 
-    The base model is frozen, the classifier head stays trainable unless `train_head=False`
-    (decided by the first apply; later calls keep it), and what was applied is recorded on the
-    model. On any error the model is left as it was.
+    The base model is frozen, the classifier head stays trainable unless `train_head=False`,
+    and what was applied is recorded on the model (peftvision.applied). On any error the model
+    is left as it was. `train_head`, `keep_original` and `fast_conv_bias` are decided by the
+    first apply; later calls keep them.
 
-    keep_original (default True, decided by the first apply): keep a copy of every user tensor
-    training can change (selected parameters, the head, buffers such as BatchNorm statistics) so
-    that unload(merge=False) restores the model bitwise; False saves that memory (for "full", a
-    whole copy of the model) and unload(merge=False) then leaves those tensors as trained.
+    keep_original (default True): keep a copy of every user tensor training can change (selected
+    parameters, the head, buffers such as BatchNorm statistics) so that unload(merge=False)
+    restores the model bitwise; False saves that memory (for "full", a whole copy of the model)
+    and unload(merge=False) then leaves those tensors as trained.
     adapter_dtype: the dtype of new adapter parameters. None (default): float32 beside a float16 /
     bfloat16 base (what torch.amp.GradScaler needs), else the base's dtype; "base": the base
     layer's dtype; or a floating torch dtype.
+    fast_conv_bias (default True): a conv whose bias trains while its weight is frozen adds the
+    bias outside the conv, so backward computes no weight gradient; it does so by giving the conv
+    a subclass of its class (isinstance holds, pickles name the original class); False leaves
+    every module's class as it is.
     """
     if train_head is not None and not isinstance(train_head, bool):
         raise ConfigError(f"train_head must be True, False or None (keep the first apply's choice), "
@@ -112,6 +118,10 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
     if not isinstance(train_head, bool) or not isinstance(keep_original, bool):
         raise ConfigError(f"train_head and keep_original must be True or False, got "
                           f"{train_head!r} and {keep_original!r}")
+    if fast_conv_bias is None:
+        fast_conv_bias = previous.fast_conv_bias if previous is not None else True
+    if not isinstance(fast_conv_bias, bool):
+        raise ConfigError(f"fast_conv_bias must be True or False, got {fast_conv_bias!r}")
     if previous is not None:
         if train_head != previous.train_head:
             raise ConfigError(f"train_head={train_head} differs from the first apply "
@@ -119,6 +129,10 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
         if keep_original != previous.keep_original:
             raise ConfigError(f"keep_original={keep_original} differs from the first apply "
                               f"(keep_original={previous.keep_original}); unload and apply again to change it")
+        if fast_conv_bias != previous.fast_conv_bias:
+            raise ConfigError(f"fast_conv_bias={fast_conv_bias} differs from the first apply "
+                              f"(fast_conv_bias={previous.fast_conv_bias}); unload and apply again "
+                              "to change it")
         if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
             raise MergeError("the model's adapters are merged; call peftvision.unmerge(model) "
                              "before applying more methods")
@@ -134,6 +148,7 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
         train_head=train_head,
         keep_original=keep_original,
         base_keys=list(model.state_dict()),
+        fast_conv_bias=fast_conv_bias,
     )
     if previous is None:  # buffers change in train mode whatever the method (BatchNorm statistics)
         for entry in iter_buffers(model):
@@ -149,7 +164,7 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
         with adapter_dtype_scope(adapter_dtype):
             for m in methods:
                 m.apply_to(ctx)
-                state.methods.append(m)
+                state.methods.append(ctx.recorded.get(m.name, m))
         if train_head:
             for name in heads:
                 for entry in iter_parameters(get_module(model, name)):
@@ -159,7 +174,8 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
                         entry.param.requires_grad_(True)
                         if canonical not in state.head:
                             state.head.append(canonical)
-        decouple_conv_biases(model, journal)
+        if fast_conv_bias:
+            decouple_conv_biases(model, journal)
     except BaseException:
         journal.rollback()
         for param, flag in grad_before.items():

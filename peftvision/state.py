@@ -34,10 +34,14 @@ class PeftState:
     base_identity: dict
     original_requires_grad: dict[str, bool]
     train_head: bool = True
+    fast_conv_bias: bool = True  # convs with a frozen weight and a trained bias get a fast subclass
+    # the applied configs as recorded (ApplyContext.record): what adapter_config.json keeps
     methods: list[Method] = field(default_factory=list)
     # canonical parameter name -> the method that selected it (the first one, if several did)
     selected: dict[str, str] = field(default_factory=dict)
     head: list[str] = field(default_factory=list)
+    wrapped: dict[str, list[str]] = field(default_factory=dict)  # method -> canonical module names
+    adapter_name: str = "default"
     base_keys: list[str] = field(default_factory=list)  # the user model's state-dict keys
     keep_original: bool = True  # apply(keep_original=...): copies kept for unload(merge=False)
     originals: Originals = field(default_factory=Originals)

@@ -22,7 +22,6 @@ import peftvision.checkpoint as ckpt
 from peftvision import AdapterLoadError, CorruptAdapterError
 from peftvision.identity import base_identity
 from peftvision.layers import AdapterLayer
-from peftvision.state import STATE_ATTR
 
 FILES = {"adapter_model.safetensors", "adapter_config.json", "README.md"}
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -55,8 +54,8 @@ class Snapshot:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.types = [(name, type(m)) for name, m in model.named_modules()]
         self.grads = {name: p.requires_grad for name, p in model.named_parameters()}
-        self.methods = [m.name for m in getattr(model, STATE_ATTR).methods] \
-            if hasattr(model, STATE_ATTR) else None
+        record = pv.applied(model)
+        self.methods = record.names if record else None
 
     def assert_unchanged(self, model: nn.Module) -> None:
         state = model.state_dict()
@@ -66,9 +65,9 @@ class Snapshot:
         assert [(name, type(m)) for name, m in model.named_modules()] == self.types
         assert {name: p.requires_grad for name, p in model.named_parameters()} == self.grads
         if self.methods is None:
-            assert not hasattr(model, STATE_ATTR)
+            assert pv.applied(model) is None
         else:
-            assert [m.name for m in getattr(model, STATE_ATTR).methods] == self.methods
+            assert pv.applied(model).names == self.methods
 
 
 def load_fails(model: nn.Module, folder, exc_type, *phrases: str) -> str:

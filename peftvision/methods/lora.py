@@ -193,18 +193,24 @@ class LoRA(Method):
             if not parts or any(p not in QKV for p in parts) or len(set(parts)) != len(parts):
                 raise ConfigError(f"lora: qkv_parts must be a non-empty subset of 'qkv' such as 'qv', "
                                   f"got {self.qkv_parts!r}")
-            self.qkv_parts = "".join(sorted(parts, key=QKV.index))
+
+    def qkv_slices(self) -> str | None:
+        """qkv_parts in q, k, v order ("V,q" -> "qv"), None when not given."""
+        if self.qkv_parts is None:
+            return None
+        return "".join(sorted(self.qkv_parts.lower().replace(",", ""), key=QKV.index))
 
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         alpha = float(self.alpha if self.alpha is not None else self.r)
         allowed = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        parts = self.qkv_slices()
         for name, module in ctx.find(self, spec, allowed=allowed):
             if isinstance(module, nn.Linear):
-                fused = self.qkv_parts is not None and self.qkv_parts != QKV and name.endswith(QKV)
+                fused = parts is not None and parts != QKV and name.endswith(QKV)
                 factory = (
-                    (lambda m: LoRAFusedLinear(m, self.qkv_parts, self.r, alpha, self.dropout)) if fused
+                    (lambda m: LoRAFusedLinear(m, parts, self.r, alpha, self.dropout)) if fused
                     else (lambda m: LoRALinear(m, self.r, alpha, self.dropout))
                 )
             else:

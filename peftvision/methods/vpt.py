@@ -84,9 +84,8 @@ class VPT(Method):
     def validate(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in DEFAULT_TOKENS:
             raise ConfigError(f"vpt: mode must be 'shallow' or 'deep', got {self.mode!r}")
-        if self.tokens is None:
-            self.tokens = DEFAULT_TOKENS[self.mode]
-        positive_int(self.name, "tokens", self.tokens)
+        if self.tokens is not None:
+            positive_int(self.name, "tokens", self.tokens)
         number_in(self.name, "dropout", self.dropout, 0, 1, high_open=True)
 
     def apply_to(self, ctx: ApplyContext) -> None:
@@ -98,7 +97,8 @@ class VPT(Method):
         width = model.embed_dim
         patch = math.prod(model.patch_embed.patch_size)
         bound = math.sqrt(6.0 / (3 * patch + width))  # VPT: uniform(±sqrt(6 / (3·p² + D)))
-        offset, n, like = model.num_prefix_tokens, self.tokens, model.patch_embed.proj.weight
+        n = self.tokens if self.tokens is not None else DEFAULT_TOKENS[self.mode]
+        offset, like = model.num_prefix_tokens, model.patch_embed.proj.weight
 
         def prompts(replace: bool):
             return lambda m: PromptTokens(m, offset, n, width, bound, self.dropout, replace, like)
