@@ -21,5 +21,6 @@ def _deterministic():
 @pytest.fixture
 def busi_dir() -> Path:
     if not BUSI.is_dir():
-        pytest.skip(f"real BUSI images not found at {BUSI} (../shared/data/busi beside the repo, or set PEFTVISION_BUSI)")
+        pytest.skip(f"real BUSI images not found at {BUSI} "
+                    "(../shared/data/busi beside the repo, or set PEFTVISION_BUSI)")
     return BUSI

@@ -178,6 +178,24 @@ def test_runs_differing_only_in_method_options_keep_both_results(tmp_path, capsy
     assert sorted(results) == [2, 4]
     assert all(name.startswith("demo__tiny-resnet__lora__f1__s0__") for name in results.values())
     assert main([*base, "--option", "r=4"]) == 0 and "exists, skipped" in capsys.readouterr().out
+    assert main(["table", str(tmp_path)]) == 0  # two columns, not one cell averaging r=2 with r=4
+    head = (tmp_path / "tables.md").read_text().splitlines()[2]
+    assert "lora[r=2]" in head and "lora[r=4]" in head
+
+
+def test_tables_keep_option_variants_of_a_method_apart(tmp_path):
+    from test_bench_table import fake_result
+
+    from benchmarks.results import rows
+    from benchmarks.table import build_tables
+
+    results = [fake_result("busi", "lora", s, f1) for s, f1 in ((0, 0.8), (1, 0.7))]
+    results += [fake_result("busi", "bias", 0, 0.6)]
+    assert [r["method"] for r in rows(results)] == ["lora", "lora", "bias"]  # one option set: as is
+    results[1]["method"]["options"] = {"r": 16, "targets": ["qkv"]}
+    assert [r["method"] for r in rows(results)] == ["lora", 'lora[r=16,targets=["qkv"]]', "bias"]
+    (table,) = build_tables(rows(results))
+    assert table.cells["busi", "lora"].n == 1 and table.cells["busi", "lora"].mean == pytest.approx(80)
 
 
 def test_run_digest_covers_the_config_but_not_where_it_runs():
