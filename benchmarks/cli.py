@@ -195,7 +195,8 @@ def _finish(out: str, notes: list[str]) -> int:
 
 def cmd_demo(args) -> int:
     from .models import method_names
-    from .results import load_results, row
+    from .results import load_results
+    from .results import rows as result_rows
     from .table import leaderboard
 
     start = time.perf_counter()
@@ -217,7 +218,8 @@ def cmd_demo(args) -> int:
 
     files = write_tables(args.out)
     plots = write_plots(args.out)
-    rows = [row(r) for r in load_results(args.out, warn=lambda m: None)]  # warned above
+    quiet = lambda m: None  # noqa: E731  (table and plot have warned)
+    rows = result_rows(load_results(args.out, warn=quiet), warn=quiet)
     print("\n== demo results: test split, NOT pretrained (PEFT adapts a random backbone here, so the "
           "ranking says little about pretrained models) ==\n")
     print(leaderboard([r for r in rows if r["fraction"] == 1.0]))

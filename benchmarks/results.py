@@ -225,6 +225,7 @@ def row(result: dict) -> dict:
         "model": result["model"]["name"],
         "pretrained": result["model"]["pretrained"],
         "method": result["method"]["label"],
+        "options": result["method"].get("options") or {},
         "fraction": result["config"]["data_fraction"],
         "seed": result["config"]["seed"],
         "f1": test["macro_f1"],
@@ -235,3 +236,33 @@ def row(result: dict) -> dict:
         "total": params["total"],
         "wall_time_s": result["wall_time_s"],
     }
+
+
+def options_text(options: dict) -> str:
+    """{"r": 8, "alpha": 16} -> "alpha=16,r=8" (values as compact JSON)."""
+    return ",".join(f"{k}={json.dumps(v, separators=(',', ':'), sort_keys=True)}"
+                    for k, v in sorted(options.items()))
+
+
+def rows(results: list[dict], warn: Callable[[str], None] = print_warning) -> list[dict]:
+    """row() of each result. Where one method label ran on one model with several option sets
+    (lora r=2 and r=4), each set becomes its own method, "lora[r=2]": never averaged together as
+    if they were seeds. (Per model: presets may give a method other options on another model.)
+    Repeats of one configuration, seed included (two HPO workers retraining the same trial),
+    count once, the last by path, with a warning: repeats are not seeds."""
+    latest: dict[str, dict] = {}
+    for r in results:
+        digest = r.get("config_digest")
+        if digest in latest:
+            warn(f"{latest[digest].get('_path')} and {r.get('_path')} ran the same configuration "
+                 "(seed included): counted once, from the second")
+        latest[digest or str(id(r))] = r
+    out = [row(r) for r in latest.values()]
+    variants: dict[tuple[str, str], set[str]] = {}
+    for r in out:
+        variants.setdefault((r["model"], r["method"]), set()).add(options_text(r["options"]))
+    for r in out:
+        text = options_text(r["options"])
+        if len(variants[r["model"], r["method"]]) > 1 and text:
+            r["method"] = f"{r['method']}[{text}]"
+    return out

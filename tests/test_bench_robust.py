@@ -178,6 +178,26 @@ def test_runs_differing_only_in_method_options_keep_both_results(tmp_path, capsy
     assert sorted(results) == [2, 4]
     assert all(name.startswith("demo__tiny-resnet__lora__f1__s0__") for name in results.values())
     assert main([*base, "--option", "r=4"]) == 0 and "exists, skipped" in capsys.readouterr().out
+    assert main(["table", str(tmp_path)]) == 0  # two columns, not one cell averaging r=2 with r=4
+    head = (tmp_path / "tables.md").read_text().splitlines()[2]
+    assert "lora[r=2]" in head and "lora[r=4]" in head
+
+
+def test_tables_keep_option_variants_of_a_method_apart(tmp_path):
+    from test_bench_table import fake_result
+
+    from benchmarks.results import rows
+    from benchmarks.table import build_tables
+
+    results = [fake_result("busi", "lora", s, f1) for s, f1 in ((0, 0.8), (1, 0.7))]
+    results += [fake_result("busi", "bias", 0, 0.6)]
+    assert [r["method"] for r in rows(results)] == ["lora", "lora", "bias"]  # one option set: as is
+    results[1]["method"]["options"] = {"r": 16, "targets": ["qkv"]}
+    assert [r["method"] for r in rows(results)] == ["lora", 'lora[r=16,targets=["qkv"]]', "bias"]
+    (table,) = build_tables(rows(results))
+    assert table.cells["busi", "lora"].n == 1 and table.cells["busi", "lora"].mean == pytest.approx(80)
+    results[0]["model"]["name"] = "vit"  # lora with other options on another model: no clash
+    assert [r["method"] for r in rows(results)] == ["lora", "lora", "bias"]
 
 
 def test_run_digest_covers_the_config_but_not_where_it_runs():
@@ -196,6 +216,20 @@ def test_run_digest_covers_the_config_but_not_where_it_runs():
             == run_digest(RunConfig(**{**kw, "weights": "/b/w.pth", "dataset": "imagefolder:/b/busi/"})))
     assert run_dir_name(cfg).startswith("demo__tiny-resnet__lora__f1__s0__")
     assert run_dir_name(RunConfig(**kw, name="mine")) == "mine"
+
+
+def test_repeats_of_one_configuration_count_once_in_tables(tmp_path):
+    from test_bench_table import fake_result
+
+    from benchmarks.results import rows
+
+    for i, seed in enumerate((0, 0, 1)):  # two workers retrained seed 0, one seed 1
+        write_result({**fake_result("busi", "lora", seed, 0.7 + i / 100), "config_digest": f"d{seed}"},
+                     tmp_path / f"w{i}")
+    said: list[str] = []
+    out = rows(load_results(tmp_path), warn=said.append)
+    assert sorted(r["f1"] for r in out) == [0.71, 0.72]
+    assert len(said) == 1 and str(tmp_path / "w0") in said[0] and str(tmp_path / "w1") in said[0]
 
 
 def test_hpo_workers_never_share_a_retrain_folder(tmp_path):
