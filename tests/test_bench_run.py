@@ -166,7 +166,6 @@ def test_full_demo(tmp_path, capsys):
     assert "skipped tsa on tiny-vit" in printed
     with capsys.disabled():
         print(f"\nfull demo: {len(results)} runs in {elapsed:.0f} s")
-    assert elapsed < 600  # < 300 s on 2 idle cores; generous for a loaded CI machine
 
 
 def test_run_config_rejects_bad_values():
