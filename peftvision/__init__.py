@@ -15,15 +15,16 @@ from .errors import (
                      UnknownMethodError,
                      UnsupportedArchitectureError,
 )
-from .hub import push_to_hub
 from .record import AppliedRecord, MethodRecord, applied
 from .registry import get_method, methods, register_method
 from .report import Report, report
+from .sharing import push_to_hub
+from .zoo import create_model, load_local_weights
 
 __all__ = [
     "__version__", "apply", "config", "merge", "unmerge", "unload", "report", "Report",
     "save_adapter", "load_adapter", "push_to_hub", "methods", "get_method", "register_method",
-    "applied", "AppliedRecord", "MethodRecord",
+    "applied", "AppliedRecord", "MethodRecord", "create_model", "load_local_weights",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
     "UnsupportedArchitectureError", "MergeError", "NotAppliedError", "AdapterLoadError", "CorruptAdapterError",
 ]

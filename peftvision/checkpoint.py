@@ -117,7 +117,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
 def _save_peft(model: nn.Module, out: Path) -> Path:
     from safetensors.torch import save as safetensors_bytes
 
-    from .interop import DIFFUSERS_FILE, diffusers_metadata, peft_files
+    from .methods.lora_interop import DIFFUSERS_FILE, diffusers_metadata, peft_files
 
     config, tensors, diffusers = peft_files(model)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
         raise CorruptAdapterError(f"{weights_path} is truncated or corrupt ({exc}); re-save or "
                                   "re-download the adapter") from exc
     if "peft_type" in config:
-        from .interop import from_peft
+        from .methods.lora_interop import from_peft
 
         return from_peft(config, tensors, folder)
     return config, tensors
