@@ -79,3 +79,8 @@ def test_lora_interop_lives_with_lora():
     graph = package_graph()
     assert "peftvision.methods.lora" in graph["peftvision.methods.lora_interop"]
     assert "peftvision.methods.lora_interop" in graph["peftvision.checkpoint"]
+
+
+def test_einops_the_declared_dependency_is_used():
+    users = [p.name for p in PACKAGE.rglob("*.py") if "einops" in imported_modules(p, "peftvision")]
+    assert len(users) >= 2, users
