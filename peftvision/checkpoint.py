@@ -121,7 +121,7 @@ def _peftvision_files(model: nn.Module, card: bool, tags, metrics) -> dict[str, 
 def _peft_files(model: nn.Module) -> dict[str, bytes]:
     from safetensors.torch import save as safetensors_bytes
 
-    from .interop import DIFFUSERS_FILE, diffusers_metadata, peft_files
+    from .methods.lora_interop import DIFFUSERS_FILE, diffusers_metadata, peft_files
 
     config, tensors, diffusers = peft_files(model)
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -137,7 +137,7 @@ def _stale_files(folder: Path, files: dict[str, bytes]) -> list[str]:
     """Files an older save left that would contradict the new adapter: our own model card (a
     README.md the user wrote is kept) and diffusers' LoRA file."""
     from .card import CARD_MARKER
-    from .interop import DIFFUSERS_FILE
+    from .methods.lora_interop import DIFFUSERS_FILE
 
     stale = [DIFFUSERS_FILE] if DIFFUSERS_FILE not in files else []
     card = folder / CARD_NAME
@@ -188,7 +188,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
         raise CorruptAdapterError(f"{weights_path} is truncated or corrupt ({exc}); re-save or "
                                   "re-download the adapter") from exc
     if "peft_type" in config:
-        from .interop import from_peft
+        from .methods.lora_interop import from_peft
 
         return from_peft(config, tensors, folder)
     return config, tensors

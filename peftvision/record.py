@@ -58,6 +58,9 @@ class AppliedRecord:
 
 def applied(model: nn.Module) -> AppliedRecord | None:
     """The record of what peftvision applied to `model`, or None when nothing is applied."""
+    from .wrappers import unwrap
+
+    model = unwrap(model)
     state = get_state(model)
     if state is None:
         return None

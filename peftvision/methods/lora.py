@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import ConfigError
@@ -91,9 +92,8 @@ class LoRAFusedLinear(LoRALayer):
         out = self.base_layer(x)  # (..., 3D)
         if self.merged:
             return out
-        n, r = self.lora_A.shape[:2]
-        low = F.linear(self._drop(x), self.lora_A.reshape(n * r, -1).to(x.dtype))  # (..., n*r)
-        low = low.unflatten(-1, (n, r))  # (..., n, r)
+        low = F.linear(self._drop(x), rearrange(self.lora_A, "n r i -> (n r) i").to(x.dtype))  # (..., n*r)
+        low = rearrange(low, "... (n r) -> ... n r", n=len(self.slots))  # (..., n, r)
         delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B.to(low.dtype)) * self.scaling  # (..., n, D)
         return out + self._scatter(delta)
 
@@ -113,7 +113,7 @@ class LoRAFusedLinear(LoRALayer):
         per_slot = torch.bmm(self.lora_B, self.lora_A) * self.scaling  # (n, D, in)
         delta = per_slot.new_zeros(len(QKV), self.width, per_slot.shape[-1])  # (3, D, in)
         delta[self.slots] = per_slot
-        return delta.reshape(-1, per_slot.shape[-1])  # (3D, in)
+        return rearrange(delta, "three d i -> (three d) i")  # (3D, in): q, k, v stacked
 
     def add_delta_(self, weight: Tensor, sign: float) -> None:
         if weight.dtype != self.lora_A.dtype or not weight.is_contiguous():
@@ -148,10 +148,10 @@ class LoRAConv(LoRALayer):
 
     def delta_weight(self) -> Tensor:
         g = self.weighted_layer.groups
-        a = self.lora_A.reshape(g, self.r, -1)  # (g, r, in/g * k)
-        b = self.lora_B.reshape(g, -1, self.r)  # (g, out/g, r)
-        delta = torch.bmm(b, a) * self.scaling  # (g, out/g, in/g * k)
-        return delta.reshape(self.weighted_layer.weight.shape)
+        a = rearrange(self.lora_A, "(g r) i ... -> g r (i ...)", g=g)  # (g, r, in/g·k·k)
+        b = rearrange(self.lora_B, "(g o) r ... -> g o (r ...)", g=g)  # (g, out/g, r): 1x1 kernel
+        delta = torch.bmm(b, a) * self.scaling  # (g, out/g, in/g·k·k)
+        return delta.reshape(self.weighted_layer.weight.shape)  # (out, in/g, *k)
 
     def add_delta_(self, weight: Tensor, sign: float) -> None:
         if weight.dtype != self.lora_A.dtype or not weight.is_contiguous():

@@ -32,6 +32,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import UnsupportedArchitectureError
@@ -74,7 +75,7 @@ class SpectralShift(AdditiveDeltaLayer):
             self.svd_delta = nn.Parameter(torch.zeros(weight.shape, **like_kwargs(weight)))  # (C,) or normalized_shape
             self.svd_u = self.svd_s = self.svd_vh = None
             return
-        mat = weight.reshape(weight.shape[0], -1)  # (C_out, C_in/g·k·k)
+        mat = rearrange(weight, "o ... -> o (...)")  # (C_out, C_in/g·k·k); a Linear's stays (out, in)
         exact = mat if mat.dtype in (torch.float32, torch.float64) else mat.float()  # no half SVD
         u, s, vh = torch.linalg.svd(exact, full_matrices=False)  # (m, k), (k,), (k, n)
         # recomputed from the base weight whenever the method is applied, so never saved;
