@@ -58,8 +58,8 @@ def run_many(configs: list, *, resume: bool = False, say=print) -> tuple[list[di
     from .models import unsupported
     from .train import run_experiment
 
-    results, notes, checked = [], [], {}
-    for i, cfg in enumerate(configs, 1):
+    results, notes, checked, runnable = [], [], {}, []
+    for cfg in configs:  # first the pairs that cannot run, so [i/n] counts only real runs
         label = cfg.label or "+".join(cfg.method if isinstance(cfg.method, list) else [cfg.method])
         key = (cfg.model, label)
         if key not in checked:
@@ -72,15 +72,17 @@ def run_many(configs: list, *, resume: bool = False, say=print) -> tuple[list[di
             if note not in notes:
                 notes.append(note)
                 say(note)
-            continue
+        else:
+            runnable.append((label, cfg))
+    for i, (label, cfg) in enumerate(runnable, 1):
         if resume and cfg.out:
             path = Path(cfg.out) / (cfg.name or run_name(cfg.dataset_name or spec_name(cfg.dataset),
                                                          cfg.model, label, cfg.data_fraction, cfg.seed))
             if (path / RESULT_NAME).is_file():
-                say(f"[{i}/{len(configs)}] exists, skipped: {path}")
+                say(f"[{i}/{len(runnable)}] exists, skipped: {path}")
                 results.append(json.loads((path / RESULT_NAME).read_text()))
                 continue
-        say(f"[{i}/{len(configs)}] {label} · {cfg.model} · {cfg.dataset} · "
+        say(f"[{i}/{len(runnable)}] {label} · {cfg.model} · {cfg.dataset} · "
             f"{cfg.data_fraction:.0%} data · seed {cfg.seed}")
         try:
             results.append(run_experiment(cfg))
@@ -96,7 +98,8 @@ def _add_training(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--image-size", type=int)
+    g.add_argument("--image-size", type=int,
+                   help="default: the model's own input size (timm's pretrained_cfg; 32 for tiny-*)")
     g.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: none)")
     g.add_argument("--warmup-epochs", type=int)
     g.add_argument("--num-workers", type=int)

@@ -25,11 +25,21 @@ import torch
 import torch.nn.functional as F
 
 import peftvision as pv
+from peftvision.progress import enabled as progress_enabled
 
 from .data import load_dataset, stratified_subset
+from .heartbeat import Heartbeat
 from .images import ImageDataset
 from .metrics import classification_metrics
-from .models import build_model, data_config, load_weights, method_configs, method_names, needs_data
+from .models import (
+    build_model,
+    data_config,
+    default_image_size,
+    load_weights,
+    method_configs,
+    method_names,
+    needs_data,
+)
 from .results import environment, peak_memory, reset_peak_memory, run_name, write_result
 
 
@@ -43,7 +53,7 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     batch_size: int = 32
-    image_size: int = 224
+    image_size: int | None = None  # None: the model's own input size (see default_image_size)
     seed: int = 0
     data_fraction: float = 1.0
     warmup_epochs: int = 1
@@ -65,6 +75,8 @@ class RunConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        if self.image_size is None:  # resolved once, so run names, results and HPO checks agree
+            self.image_size = default_image_size(self.model)
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
                   (self.image_size >= 8, "image_size must be >= 8"), (self.lr >= 0, "lr must be >= 0"),
                   (self.weight_decay >= 0, "weight_decay must be >= 0"),
@@ -203,9 +215,15 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
             t0 = time.perf_counter()
             model.train()
             losses = []
+            show = accelerator.is_main_process and not cfg.quiet
             bar = tqdm(train_loader, desc=f"{label} epoch {epoch}/{cfg.epochs}", leave=False,
-                       disable=None if accelerator.is_main_process and not cfg.quiet else True)
-            for x, y in bar:
+                       disable=not (show and progress_enabled()))
+            # no bar (a log file, a pipe): a line every 30 s instead of silence
+            beat = Heartbeat(active=show and bar.disable)
+            if epoch == 1 and beat.active:
+                say(f"[{label}] epoch 1/{cfg.epochs}: {steps_per_epoch} batches (the first epoch also "
+                    "decodes the images)")
+            for step, (x, y) in enumerate(bar, 1):
                 loss = F.cross_entropy(model(x), y)
                 accelerator.backward(loss)
                 optimizer.step()
@@ -213,6 +231,9 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if beat.due():
+                    say(f"[{label}] epoch {epoch}/{cfg.epochs}: batch {step}/{steps_per_epoch}, "
+                        f"loss {losses[-1]:.4f}, {time.perf_counter() - t0:.0f} s")
             val = evaluate(model, val_loader, accelerator, data.num_classes)
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
                             "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
