@@ -25,11 +25,21 @@ import torch
 import torch.nn.functional as F
 
 import peftvision as pv
+from peftvision.progress import enabled as progress_enabled
 
 from .data import load_dataset, spec_name, stratified_subset
+from .heartbeat import Heartbeat
 from .images import DataError, ImageDataset
 from .metrics import classification_metrics
-from .models import build_model, data_config, load_weights, method_configs, method_names, needs_data
+from .models import (
+    build_model,
+    data_config,
+    default_image_size,
+    load_weights,
+    method_configs,
+    method_names,
+    needs_data,
+)
 from .results import (
     config_digest,
     environment,
@@ -50,7 +60,7 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     batch_size: int = 32    # images per optimiser step (split into accumulation_steps micro-batches)
-    image_size: int = 224
+    image_size: int | None = None  # None: the model's own input size (see default_image_size)
     seed: int = 0
     data_fraction: float = 1.0
     warmup_epochs: int = 1
@@ -73,6 +83,8 @@ class RunConfig:
     accumulation_steps: int = 1  # gradient accumulation: batch_size // this images per forward
 
     def __post_init__(self) -> None:
+        if self.image_size is None:  # resolved once, so run names, results and HPO checks agree
+            self.image_size = default_image_size(self.model)
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
                   (self.image_size >= 8, "image_size must be >= 8"), (self.lr >= 0, "lr must be >= 0"),
                   (self.weight_decay >= 0, "weight_decay must be >= 0"),
@@ -221,8 +233,14 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
             t0 = time.perf_counter()
             model.train()
             losses = []
+            show = accelerator.is_main_process and not cfg.quiet
             bar = tqdm(train_loader, desc=f"{label} epoch {epoch}/{cfg.epochs}", leave=False,
-                       disable=None if accelerator.is_main_process and not cfg.quiet else True)
+                       disable=not (show and progress_enabled()))
+            # no bar (a log file, a pipe): a line every 30 s instead of silence
+            beat = Heartbeat(active=show and bar.disable)
+            if epoch == 1 and beat.active:
+                say(f"[{label}] epoch 1/{cfg.epochs}: {steps_per_epoch} optimiser steps (the first "
+                    "epoch also decodes the images)")
             n, full = len(train_loader), len(train_loader) // accumulate * accumulate
             for i, (x, y) in enumerate(bar):
                 # accumulation: with equal micro-batches the summed gradients are the full batch's
@@ -235,6 +253,9 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
                     optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if beat.due():
+                    say(f"[{label}] epoch {epoch}/{cfg.epochs}: batch {i + 1}/{n}, "
+                        f"loss {losses[-1]:.4f}, {time.perf_counter() - t0:.0f} s")
             val = evaluate(model, val_loader, accelerator, data.num_classes)
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
                             "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
