@@ -209,3 +209,33 @@ def test_reduced_table2_end_to_end_with_hpo(tmp_path, capsys):
     assert main(args + ["--resume"]) == 0
     assert "exists, skipped" in capsys.readouterr().out
 
+
+
+def test_l2norm_head_normalises_features_before_the_linear_layer():
+    from benchmarks.heads import set_head
+    from tests.models import tiny_vit
+
+    torch.manual_seed(0)
+    model = set_head(tiny_vit(), "l2norm-linear").eval()
+    x = torch.randn(2, 3, 32, 32)
+    features = model.forward_head(model.forward_features(x), pre_logits=True)  # (B, D)
+    linear = model.get_classifier()[1]
+    expected = linear(features / features.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ValueError, match="unknown head"):
+        set_head(tiny_vit(), "cosine")
+
+
+def test_reduced_shpeft_table1_runs_sgd_for_the_given_iterations(tmp_path):
+    data = write_medmnist(tmp_path / "busi.npz", sizes=(48, 16, 16))
+    out = tmp_path / "sh"
+    assert main(["reproduce", "shpeft-table1", "--out", str(out), "--datasets", "breastus",
+                 "--dataset", f"breastus=medmnist:{data}", "--model-as", "tiny-vit", "--no-pretrained",
+                 "--methods", "linear", "shpeft", "--seeds", "0", "--steps", "5", "--batch-size", "16",
+                 "--image-size", "32", "--quiet"]) == 0
+    results = {r["method"]["label"]: r for r in (json.loads(p.read_text()) for p in out.rglob("result.json"))}
+    assert set(results) == {"linear", "shpeft"}
+    for r in results.values():
+        c = r["config"]
+        assert (c["optimizer"], c["head"], c["steps"], c["lr"]) == ("sgd", "l2norm-linear", 5, 1e-3)
+        assert r["metrics"]["epochs_run"] == 2  # 48 images / 16 = 3 steps an epoch: 3 + 2

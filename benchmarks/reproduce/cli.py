@@ -56,7 +56,7 @@ def _model_map(items: list[str], models) -> dict[str, str]:
 
 def apply_overrides(grid: Grid, args) -> Grid:
     """The command line's changes to every run (reduced runs, other hardware)."""
-    changes = {k: getattr(args, k) for k in ("epochs", "image_size", "batch_size", "micro_batch", "steps")
+    changes = {k: getattr(args, k) for k in ("image_size", "batch_size", "micro_batch")
                if getattr(args, k, None) is not None}
     if args.lr is not None:
         changes["lr"] = args.lr
@@ -66,6 +66,11 @@ def apply_overrides(grid: Grid, args) -> Grid:
     runs = []
     for r in grid.runs:
         c = dict(changes)
+        # --epochs shortens epoch-based runs, --steps iteration-based ones (SH-PEFT)
+        if args.epochs is not None and r.steps is None:
+            c["epochs"] = args.epochs
+        if args.steps is not None and r.steps is not None:
+            c["steps"] = args.steps
         if "batch_size" in c and "micro_batch" not in c:
             c["micro_batch"] = min(r.micro_batch, c["batch_size"])
         if r.model in models:
@@ -106,16 +111,12 @@ def run_config(r: Run, spec: str, args):
     from ..presets import weights_for
     from ..train import RunConfig
 
-    unsupported = [what for what, bad in (("optimizer " + r.optimizer, r.optimizer != "adamw"),
-                                          ("iteration-based training", r.steps is not None),
-                                          ("the " + r.head + " head", r.head != "linear")) if bad]
-    if unsupported:
-        raise SystemExit(f"{r.grid}: {', '.join(unsupported)} are not in the runner yet; "
-                         "`--dry-run` prints the grid")
     pretrained = r.weights != "none"
     split = r.split
     return RunConfig(dataset=spec, model=r.model, method=list(r.method) if len(r.method) > 1 else r.method[0],
-                     method_options=dict(r.options), epochs=r.epochs, lr=r.lr if r.lr != "hpo" else 1e-3,
+                     method_options=dict(r.options), epochs=r.epochs or 1, steps=r.steps,
+                     optimizer=r.optimizer, head=r.head, lr=r.lr if r.lr != "hpo" else 1e-3,
+                     warmup_epochs=1 if r.schedule == "warmup-cosine" else 0,
                      weight_decay=r.weight_decay, batch_size=r.batch_size,
                      accumulation_steps=r.accumulation, image_size=r.image_size, seed=r.seed,
                      data_fraction=r.fraction, val_fraction=split.get("val", 0.1),
@@ -123,7 +124,7 @@ def run_config(r: Run, spec: str, args):
                      weights=weights_for(r.model, args.weights_dir) if pretrained else None,
                      out=args.out, label=r.label, dataset_name=r.dataset, quiet=args.quiet,
                      device=args.device, num_workers=args.num_workers,
-                     patience=args.patience if args.patience is not None else 5)
+                     patience=args.patience if args.patience is not None else r.patience)
 
 
 def execute(grid: Grid, specs: dict, args) -> list[str]:
