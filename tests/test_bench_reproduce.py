@@ -239,3 +239,42 @@ def test_reduced_shpeft_table1_runs_sgd_for_the_given_iterations(tmp_path):
         c = r["config"]
         assert (c["optimizer"], c["head"], c["steps"], c["lr"]) == ("sgd", "l2norm-linear", 5, 1e-3)
         assert r["metrics"]["epochs_run"] == 2  # 48 images / 16 = 3 steps an epoch: 3 + 2
+
+
+def _row(model, dataset, method, f1, trainable=1000):
+    return {"dataset": dataset, "dataset_size": {"train": 10, "val": 2, "test": 3}, "model": model,
+            "pretrained": True, "method": method, "fraction": 1.0, "seed": 0, "f1": f1,
+            "accuracy": f1, "auroc": None, "trainable": trainable, "method_params": trainable,
+            "total": 10**6, "wall_time_s": 1.0}
+
+
+def test_table3_rank_is_one_average_over_every_encoder_and_dataset():
+    from benchmarks.reproduce.outputs import combined_ranks, table3_markdown
+
+    rows = [_row("A", "d1", "x", .9), _row("A", "d1", "y", .8), _row("A", "d2", "x", .7),
+            _row("A", "d2", "y", .8), _row("B", "d1", "x", .9), _row("B", "d1", "y", .5),
+            _row("B", "d2", "x", .9), _row("B", "d2", "y", .1)]
+    ranks, pairs = combined_ranks(rows)
+    assert ranks == {"x": 1.25, "y": 1.75} and len(pairs) == 4  # per encoder: A 1.5/1.5, B 1/2
+    text = table3_markdown(rows)
+    assert "| x | 1.25 |" in text and "macro-F1 is our choice".lower() in text.lower()
+
+
+def test_figure3_marker_size_grows_with_parameters(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from benchmarks.reproduce.outputs import figure3
+
+    sizes = []
+    orig = matplotlib.axes.Axes.scatter
+
+    def spy(self, x, y, s=None, **kw):
+        sizes.append((x, s))
+        return orig(self, x, y, s=s, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy)
+    rows = [_row("A", "d1", "small", .7, 10), _row("A", "d1", "big", .8, 10**6)]
+    paths = figure3(rows, tmp_path)
+    assert all(p.is_file() for p in paths) and paths[0].name == "figure3_sized.png"
+    by_params = dict(sizes)
+    assert by_params[10**6] > by_params[10]
