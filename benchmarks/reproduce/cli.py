@@ -14,6 +14,8 @@ from .grid import Grid, Run
 
 # Dataset specs under --data-root (the layouts the user downloads; see docs/benchmarks.md).
 EXTRA_DATASETS = {
+    "ham10000": ("csv:{root}/ham10000/labels.csv", "HAM10000: labels.csv written by `python -m "
+                 "benchmarks.datasets ham10000 DOWNLOAD_DIR --out ROOT/ham10000/labels.csv`"),
     "rsna-pneumonia": ("csv:{root}/rsna-pneumonia/labels.csv",
                        "RSNA Pneumonia: labels.csv with path,label rows (images converted from DICOM)"),
     "mimic-cxr": ("mimic-cxr:{root}/mimic-cxr", "MIMIC-CXR-JPG with reports (text-to-image)"),
@@ -30,10 +32,10 @@ def dataset_specs(names, data_root: str | None, given: dict[str, str]) -> dict[s
             out[n] = given[n]
         elif data_root is None:
             out[n] = None
+        elif n in EXTRA_DATASETS:  # the published layouts (benchmarks/datasets/) first
+            out[n] = EXTRA_DATASETS[n][0].format(root=str(data_root).rstrip("/"))
         elif n in DATASETS:
             out[n] = DATASETS[n].spec.format(root=str(data_root).rstrip("/"))
-        elif n in EXTRA_DATASETS:
-            out[n] = EXTRA_DATASETS[n][0].format(root=str(data_root).rstrip("/"))
         else:
             out[n] = None
     return out
@@ -42,7 +44,9 @@ def dataset_specs(names, data_root: str | None, given: dict[str, str]) -> dict[s
 def layout(name: str) -> str:
     from ..presets import DATASETS
 
-    return DATASETS[name].layout if name in DATASETS else EXTRA_DATASETS.get(name, ("", "given with --dataset"))[1]
+    if name in EXTRA_DATASETS:
+        return EXTRA_DATASETS[name][1]
+    return DATASETS[name].layout if name in DATASETS else "given with --dataset"
 
 
 def _model_map(items: list[str], models) -> dict[str, str]:
