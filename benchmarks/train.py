@@ -32,6 +32,7 @@ from .images import ImageDataset
 from .metrics import classification_metrics
 from .models import build_model, data_config, load_weights, method_configs, method_names, needs_data
 from .results import environment, peak_memory, reset_peak_memory, run_name, write_result
+from .timm_augment import AUGMENTS, TimmImageDataset
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RunConfig:
     momentum: float = 0.9
     steps: int | None = None  # iteration-based training: this many optimiser steps, not `epochs`
     head: str = "linear"  # "linear" | "l2norm-linear" (benchmarks/heads.py)
+    augment: str = "paper"  # "paper" (resize + flip) | "timm" (benchmarks/timm_augment.py)
 
     def __post_init__(self) -> None:
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -84,7 +86,8 @@ class RunConfig:
                    "accumulation_steps must be >= 1 and divide batch_size"),
                   (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
                   (self.steps is None or self.steps >= 1, "steps must be >= 1 (or None: epochs)"),
-                  (self.head in HEADS, f"head must be one of {', '.join(HEADS)}")]
+                  (self.head in HEADS, f"head must be one of {', '.join(HEADS)}"),
+                  (self.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError(f"RunConfig: {'; '.join(bad)}")
@@ -184,7 +187,8 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
     weights = load_weights(model, cfg.weights) if cfg.weights else None
     set_head(model, cfg.head)
     norm = data_config(model)
-    make = lambda split, train: ImageDataset(split, cfg.image_size, norm["mean"], norm["std"], train)  # noqa: E731
+    images = TimmImageDataset if cfg.augment == "timm" else ImageDataset
+    make = lambda split, train: images(split, cfg.image_size, norm["mean"], norm["std"], train)  # noqa: E731
     train_set = make(train_split, True)
     train_loader = _loader(train_set, cfg, True, cfg.seed)
     val_loader = _loader(make(data.splits["val"], False), cfg, False, cfg.seed)

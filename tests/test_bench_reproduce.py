@@ -278,3 +278,24 @@ def test_figure3_marker_size_grows_with_parameters(tmp_path, monkeypatch):
     assert all(p.is_file() for p in paths) and paths[0].name == "figure3_sized.png"
     by_params = dict(sizes)
     assert by_params[10**6] > by_params[10]
+
+
+def test_timm_augment_option_uses_timm_transforms_and_the_default_stays_the_papers(tmp_path):
+    from benchmarks.data import load_dataset
+    from benchmarks.images import ImageDataset
+    from benchmarks.timm_augment import TimmImageDataset
+    from benchmarks.train import RunConfig, run_experiment
+
+    data = write_medmnist(tmp_path / "tex.npz", sizes=(16, 8, 8))
+    split = load_dataset(f"medmnist:{data}").splits["train"]
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    torch.manual_seed(0)
+    train = TimmImageDataset(split, 32, mean, std, train=True)
+    a, b = train[0][0], train[0][0]
+    assert a.shape == (3, 32, 32) and not torch.equal(a, b)  # random crops / RandAugment
+    x = TimmImageDataset(split, 32, mean, std, train=False)[0][0]
+    torch.testing.assert_close(x, ImageDataset(split, 32, mean, std)[0][0], atol=0.05, rtol=0)  # same image
+    assert RunConfig(dataset="demo", model="tiny-vit", method="lora").augment == "paper"
+    r = run_experiment(RunConfig(dataset=f"medmnist:{data}", model="tiny-vit", method="lora", pretrained=False,
+                                 image_size=32, epochs=1, batch_size=8, augment="timm", quiet=True, device="cpu"))
+    assert r["config"]["augment"] == "timm"

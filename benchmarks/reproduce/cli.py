@@ -127,7 +127,7 @@ def run_config(r: Run, spec: str, args):
                      test_fraction=split.get("test", 0.2), pretrained=pretrained,
                      weights=weights_for(r.model, args.weights_dir) if pretrained else None,
                      out=args.out, label=r.label, dataset_name=r.dataset, quiet=args.quiet,
-                     device=args.device, num_workers=args.num_workers,
+                     device=args.device, num_workers=args.num_workers, augment=args.augment,
                      patience=args.patience if args.patience is not None else r.patience)
 
 
@@ -230,6 +230,8 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--micro-batch", type=int, help="per-step batch; the rest is gradient accumulation")
     g.add_argument("--image-size", type=int)
     g.add_argument("--patience", type=int)
+    g.add_argument("--augment", choices=["paper", "timm"], default="paper",
+                   help="paper: resize + flip (default); timm: timm.data.create_transform's recipe")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--threads", type=int, help="torch CPU threads")
