@@ -30,6 +30,7 @@ from .sparse import (
     accumulate_gradients,
     check_gradient,
     default_loss,
+    flat,
     split_positions,
     top_k,
 )
@@ -52,7 +53,7 @@ def importance(task: list[torch.Tensor], weights: list[torch.Tensor], lam: float
     scale = lam * total_td / total_ta if total_ta > 0 else 0.0  # λ·ΣI_td/ΣI_ta
     for t, w in zip(task, weights):
         t.add_(agnostic(w, t), alpha=scale)  # (shape of w)
-    return torch.cat([t.reshape(-1) for t in task])  # (N,)
+    return flat(task)  # (N,): accumulate_gradients' buffer itself, no copy
 
 
 @register_method

@@ -36,6 +36,7 @@ from .sparse import (
     accumulate_gradients,
     check_gradient,
     default_loss,
+    flat,
     split_positions,
     top_k,
 )
@@ -135,7 +136,7 @@ class SPT(SparseMethod):
                                            self.loss_fn or default_loss, square=True,
                                            method=self.name)
         check_gradient(self.name, sensitivity)
-        scores = torch.cat([s.reshape(-1) for s in sensitivity])  # (N,)
+        scores = flat(sensitivity)  # (N,): accumulate_gradients' buffer itself, no copy
         del sensitivity
         chosen = split_positions(top_k(scores, k), entries)
         modules = {e.module: get_module(ctx.model, e.module) for e in entries}
