@@ -5,6 +5,7 @@ autograd, the conformance checks of DESIGN.md on tiny ViT / ResNet, and bad inpu
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 
@@ -181,27 +182,42 @@ def test_spt_plan_equals_brute_force():
     sens = [torch.zeros_like(p) for _, p in params]
     for g in grads:
         sens = [torch.addcmul(s, gi, gi) for s, gi in zip(sens, g)]
-    k = round(0.03 * sum(p.numel() for _, p in params))
-    per_tensor = to_tensor_indices(reference_topk(torch.cat([s.reshape(-1) for s in sens]), k), params)
+    budget = round(0.1 * sum(p.numel() for _, p in params))
     r, alpha, beta = 8, 10.0, 5.0
     modules = dict(model.named_modules())
-    lora, sparse = [], {}
-    for name, idx in per_tensor.items():
+    scores = torch.cat([s.reshape(-1) for s in sens]).tolist()
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))  # ties to the earlier weight
+
+    named = dict(model.named_parameters())
+
+    def rule(name, n):  # the reference rule for n chosen entries of tensor `name`: (kind, trained)
         mod_name, attr = name.rsplit(".", 1)
-        mod, p = modules[mod_name], dict(model.named_parameters())[name]
-        if attr == "weight" and isinstance(mod, nn.Linear) and len(idx) >= r * (
-                mod.in_features + mod.out_features) / alpha:
-            lora.append(mod_name)
-        elif attr == "weight" and isinstance(mod, nn.Conv2d) and len(idx) >= r * (
-                mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] + mod.out_channels) / alpha:
-            lora.append(mod_name)
-        elif p.dim() == 1 and len(idx) >= p.numel() / beta:
-            sparse[name] = list(range(p.numel()))
+        mod, p = modules[mod_name], named[name]
+        lora_cost = None
+        if attr == "weight" and isinstance(mod, nn.Linear):
+            lora_cost = r * (mod.in_features + mod.out_features)
+        elif attr == "weight" and isinstance(mod, nn.Conv2d):
+            lora_cost = r * (mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1] + mod.out_channels)
+        if lora_cost is not None and n >= lora_cost / alpha:
+            return "lora", lora_cost
+        if p.dim() == 1 and n >= p.numel() / beta:
+            return "whole", p.numel()
+        return "sparse", n
+
+    owner = [name for name, p in params for _ in range(p.numel())]  # tensor of each position
+    k = budget  # the largest k whose plan trains at most the budget (LoRA parts counted)
+    while sum(rule(n, c)[1] for n, c in collections.Counter(owner[i] for i in ranked[:k]).items()) > budget:
+        k -= 1
+    lora, sparse = [], {}
+    for name, idx in to_tensor_indices(set(ranked[:k]), params).items():
+        kind = rule(name, len(idx))[0]
+        if kind == "lora":
+            lora.append(name.rsplit(".", 1)[0])
         else:
-            sparse[name] = idx
+            sparse[name] = list(range(named[name].numel())) if kind == "whole" else idx
     assert lora and any(len(v) < dict(model.named_parameters())[n].numel() for n, v in sparse.items())
 
-    pv.apply(model, "spt", data=data, fraction=0.03)
+    pv.apply(model, "spt", data=data, fraction=0.1)
     cfg = pv.applied(model).method("spt").config
     assert cfg.lora_modules == sorted(lora)
     assert chosen(model) == sparse
@@ -211,7 +227,7 @@ def test_spt_plan_equals_brute_force():
 
 @pytest.mark.parametrize("alpha,expect_lora", [(1e-6, False), (1e6, True)])
 def test_spt_alpha_moves_matrices_between_lora_and_sparse(alpha, expect_lora):
-    model = pv.apply(make_model("vit"), "spt", data=batches(), fraction=0.03, alpha=alpha)
+    model = pv.apply(make_model("vit"), "spt", data=batches(), fraction=0.3, alpha=alpha)
     lora = pv.applied(model).method("spt").config.lora_modules
     weights = [n for n in chosen(model) if n.endswith(".weight") and "norm" not in n]
     assert bool(lora) == expect_lora and bool(weights) != expect_lora

@@ -91,3 +91,43 @@ def test_nested_in_lora_uses_the_cached_delta(monkeypatch):
         out = run(model, inputs)
     assert calls[0] == 0
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def _count_svds(monkeypatch) -> list[int]:
+    calls = [0]
+    original = torch.linalg.svd
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counting)
+    return calls
+
+
+def test_svd_disk_cache_skips_the_svd_on_the_same_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTVISION_SVD_CACHE", str(tmp_path))
+    calls = _count_svds(monkeypatch)
+    first = _shifted("vit")
+    computed = calls[0]
+    assert computed > 0 and len(list(tmp_path.glob("*.safetensors"))) > 0
+    again = pv.apply(make_model("vit"), "svdiff")  # the same base weights (same seed)
+    assert calls[0] == computed  # every factor read from the cache
+    a = {n: b for n, b in first.named_buffers() if "svd_" in n}
+    b = {n: b for n, b in again.named_buffers() if "svd_" in n}
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # other base weights: other keys, computed again; a damaged entry is recomputed, not trusted
+    for f in tmp_path.glob("*.safetensors"):
+        f.write_bytes(b"garbage")
+    pv.apply(make_model("vit", seed=1), "svdiff")
+    pv.apply(make_model("vit"), "svdiff")
+    assert calls[0] == 3 * computed
+
+
+def test_no_cache_without_the_variable(tmp_path, monkeypatch):
+    monkeypatch.delenv("PEFTVISION_SVD_CACHE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    calls = _count_svds(monkeypatch)
+    pv.apply(make_model("vit"), "svdiff")
+    pv.apply(make_model("vit"), "svdiff")
+    assert calls[0] > 0 and calls[0] % 2 == 0 and not list(tmp_path.iterdir())

@@ -22,7 +22,7 @@ Variants, per model:
                shpeft and spt get --data-batches random batches through their `data=` option)
   peft:lora    peft.get_peft_model with LoraConfig(r, lora_alpha=r, the same target modules,
                modules_to_save=[head]); peft:ln_tuning (ViT): LNTuningConfig on every LayerNorm
-  +compile     (--compile) lora and peft:lora under torch.compile (inductor); a compile that
+  +compile     (--compile) lora, ssf and peft:lora under torch.compile (inductor); a compile that
                fails or passes --compile-timeout is skipped with the reason
 Every variant lives in its own fresh process (forked from a server that imported torch, timm,
 diffusers, peft and peftvision, so every baseline is the same); its peak RSS is that process's
@@ -79,6 +79,7 @@ from .bias_step import Case, classifier_case, resnet_case, unet_case
 from .compare_report import DATA_METHODS, PEFT_PAIRS, render, summarise
 
 SEED = 0
+COMPILED = ("lora", "ssf")  # --compile: these (and peft's LoRA) also run under torch.compile
 LOSS_RTOL = 1e-4  # identity-at-init variants must start from the frozen model's loss
 PRELOAD = ["torch", "timm", "diffusers", "diffusers.models.unets.unet_2d_condition", "peft",
            "peftvision", "benchmarks.perf.compare"]  # diffusers imports its models lazily
@@ -196,7 +197,7 @@ def plan_variants(arch: str, methods: list[str] | None, compile_: bool) -> list[
     out += [Variant(f"peft:{kind}", "peft", kind) for m, kind in PEFT_PAIRS[arch].items() if m in names]
     if compile_:
         out += [Variant(f"{v.label}+compile", v.library, v.method, compiled=True)
-                for v in list(out) if v.method == "lora"]
+                for v in list(out) if v.method in COMPILED]
     return out
 
 
@@ -719,7 +720,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--tiny", action="store_true", help="tiny models: the smoke test, seconds")
-    p.add_argument("--compile", action="store_true", help="add torch.compile'd LoRA variants")
+    p.add_argument("--compile", action="store_true", help="add torch.compile'd LoRA and SSF variants")
     p.add_argument("--compile-timeout", type=float, default=600)
     p.add_argument("--solo", nargs="*", default=["unet:full"],
                    help="MODEL:METHOD run apart with their own frozen (memory); '*' any model")

@@ -8,7 +8,10 @@ from typing import Any
 from . import common
 
 TARGETS = {"step_vs_peft": 1.00, "peak_vs_peft": 1.00, "merged_vs_base": 1.01,
-           "selective_vs_frozen": 1.05, "apply_s": 1.0}
+           "selective_vs_frozen": 1.05, "apply_s": 1.0,
+           # issue 16: every method at its floor
+           "ssf_peak_vs_lora": 1.05, "svdiff_step_vs_lora": 1.4, "svdiff_unmerged_vs_base": 1.1,
+           "shpeft_step_vs_lora": 1.1, "data_peak_vs_lora": 1.2}
 DATA_METHODS = ("shpeft", "spt")  # choose weights from data at apply time
 PEFT_PAIRS = {"vit": {"lora": "lora", "layernorm": "ln_tuning"}, "resnet": {"lora": "lora"},
               "unet": {"lora": "lora"}}  # peftvision method -> its peft counterpart
@@ -96,6 +99,8 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{_mb(r.get('peak_rss_mb'))} vs {_mb(peer.get('peak_rss_mb'))} MiB peak RSS; above "
                     f"the common {base:,.0f} MiB import baseline: "
                     f"{_mb(_minus(r.get('peak_rss_mb'), base))} vs {_mb(_minus(peer.get('peak_rss_mb'), base))}")
+        if entry["arch"] == "vit":  # the issue's rows are measured on ViT-B
+            floor_targets(by, name, add)
         frozen_infer = by.get("frozen", {}).get("infer", {})
         for r in rows:
             if r["library"] != "peftvision" or not r["mergeable"]:
@@ -130,6 +135,55 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         if "reported apart" in t["target"]:
             t["met"] = None
     return out
+
+
+def floor_targets(by: dict[str, dict], name: str, add) -> None:
+    """Issue 16's rows: SSF memory, SV-Diff step and inference, SH-PEFT step, data-pass peaks."""
+    lora = by.get("lora", {})
+
+    def peak(label: str, limit: float) -> None:
+        r = by.get(label)
+        if r and r.get("peak_vs_lora") is not None:
+            add(f"{label} peak memory (apply included) <= {limit:.2f}x LoRA", name, r["peak_vs_lora"],
+                limit, f"{_mb(r.get('peak_rss_mb'))} vs {_mb(lora.get('peak_rss_mb'))} MiB peak RSS; "
+                f"training peak {_mb(r.get('train_peak_rss_mb'))} MiB")
+
+    def step(label: str, limit: float) -> None:
+        r = by.get(label)
+        if r and r.get("cpu_vs_lora") is not None:
+            add(f"{label} train step <= {limit:.2f}x LoRA", name, r["cpu_vs_lora"], limit,
+                _fmt_note(r, "wall_vs_lora", "wall") + f"; CPU s per step: {_range(r['step_cpu_s'])}, "
+                f"LoRA {_range(lora.get('step_cpu_s'))}", (r["step_cpu_s"], lora.get("step_cpu_s")))
+
+    peak("ssf", TARGETS["ssf_peak_vs_lora"])
+    step("svdiff", TARGETS["svdiff_step_vs_lora"])
+    step("shpeft", TARGETS["shpeft_step_vs_lora"])
+    for label in DATA_METHODS:
+        peak(label, TARGETS["data_peak_vs_lora"])
+    rec = by.get("svdiff", {}).get("infer", {}).get("unmerged", {})
+    if rec.get("cpu_vs_base") is not None:
+        base = by.get("frozen", {}).get("infer", {}).get("unmerged", {}).get("cpu_s")
+        add("svdiff unmerged inference <= 1.10x base", name, rec["cpu_vs_base"],
+            TARGETS["svdiff_unmerged_vs_base"], f"wall {_f(rec.get('wall_vs_base'))}x; base CPU s "
+            f"{_range(base)}, this {_range(rec.get('cpu_s'))}", (rec.get("cpu_s"), base))
+
+
+def compile_table(entry: dict) -> list[str]:
+    """Eager against torch.compile (inductor), training step, for every compiled variant."""
+    by = {r["label"]: r for r in entry["rows"]}
+    lines = []
+    for r in entry["rows"]:
+        eager = by.get(r["label"].removesuffix("+compile")) if r["compiled"] else None
+        if eager is None:
+            continue
+        lines.append([eager["label"], _f(eager.get("median_cpu_s")), _f(r.get("median_cpu_s")),
+                      _f(_ratio(r.get("median_cpu_s"), eager.get("median_cpu_s"))),
+                      _f(_ratio(r.get("median_step_s"), eager.get("median_step_s"))),
+                      _mb(eager.get("peak_rss_mb")), _mb(r.get("peak_rss_mb")),
+                      _status(r) or (f"compile {r['compile_s']:.0f} s" if r.get("compile_s") else "")])
+    header = ["variant", "eager step CPU s", "compiled step CPU s", "compiled/eager CPU",
+              "compiled/eager wall", "eager peak MiB", "compiled peak MiB", "note"]
+    return _table(header, lines) if lines else []
 
 
 def _fmt_note(r: dict, key: str, what: str) -> str:
@@ -283,6 +337,10 @@ def render(data: dict[str, Any], source: str = "benchmarks/results/perf/compare_
                   f"{' + uncommitted changes' if entry.get('git_dirty') else ''}.", "",
                   "Against peft (same weights, inputs, targets, rank, head):", ""]
         lines += peer_table(entry) + ["", "Every method:", ""] + methods_table(entry) + [""]
+        compiled = compile_table(entry)
+        if compiled:
+            lines += ["Eager against torch.compile (inductor, default mode), training step:", ""]
+            lines += compiled + [""]
     for timing in (data.get("apply_timing") or {}).values():
         lines += [f"## apply time on {timing['model']}", "",
                   f"{timing.get('params', 0):,} parameters, built once; each method applied, timed, "

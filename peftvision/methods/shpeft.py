@@ -26,7 +26,7 @@ from ..registry import register_method
 from .base import ApplyContext, number_in
 from .sparse import SparseMethod
 from .sparse_importance import accumulate_gradients, check_gradient, default_loss
-from .sparse_selection import ScopeEntry, split_positions, top_k
+from .sparse_selection import ScopeEntry, flat, split_positions, top_k
 
 ESTIMATORS = ("l2", "l1")
 
@@ -46,7 +46,7 @@ def importance(task: list[torch.Tensor], weights: list[torch.Tensor], lam: float
     scale = lam * total_td / total_ta if total_ta > 0 else 0.0  # λ·ΣI_td/ΣI_ta
     for t, w in zip(task, weights):
         t.add_(agnostic(w, t), alpha=scale)  # (shape of w)
-    return torch.cat([t.reshape(-1) for t in task])  # (N,)
+    return flat(task)  # (N,): accumulate_gradients' buffer itself, no copy
 
 
 @register_method

@@ -55,8 +55,10 @@ def accumulate_gradients(model: nn.Module, params: list[nn.Parameter], data: Ite
     deterministic; only `params` require grad meanwhile. Each gradient is folded into a float32
     accumulator as backward produces it and then dropped. The model is left as it was: modes,
     requires_grad flags and .grad attributes are restored, also on error."""
-    acc = [torch.zeros_like(p, dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
-           for p in params]
+    # one flat buffer, viewed per parameter: the scores are this buffer, no concatenated copy
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    buffer = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)  # (N,)
+    acc = [v.view(p.shape) for v, p in zip(buffer.split([p.numel() for p in params]), params)]
 
     def fold(i: int) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:

@@ -77,11 +77,57 @@ def wrap_sparse(ctx: ApplyContext, method: Method, entries: list[ScopeEntry],
         ctx.wrap(method, module, lambda m, s=selection: SparseDeltaLayer(m, s), innermost=True)
 
 
+def flat(tensors: list[Tensor]) -> Tensor:
+    """The tensors flattened in order, (N,): their common buffer when they are its consecutive
+    views (accumulate_gradients' output), else a concatenated copy."""
+    base = tensors[0]._base if tensors else None
+    offset = 0
+    for t in tensors:
+        if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
+            return torch.cat([t.reshape(-1) for t in tensors])
+        offset += t.numel()
+    if base is None or base.dim() != 1 or base.numel() != offset:
+        return torch.cat([t.reshape(-1) for t in tensors])
+    return base
+
+
+_CHUNK = 1 << 22  # elements per pass over the scores: bounds the temporaries to a few MB
+
+
+def _kth_largest(scores: Tensor, k: int) -> Tensor:
+    """The k-th largest of scores ≥ 0, exact, with O(chunk) extra memory (torch.topk on CPU
+    copies every (value, index) pair: ~16 bytes per score). For non-negative floats the integer
+    view of the bits orders like the values: a radix select, 16 bits per pass from the top."""
+    bits = scores.view(torch.int64 if scores.element_size() == 8 else torch.int32)
+    chunks = bits.split(_CHUNK)
+    prefix, need = 0, k  # the answer's bits found so far; its rank among those sharing them
+    for shift in range(bits.element_size() * 8 - 16, -1, -16):
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
+        for c in chunks:
+            if shift + 16 < bits.element_size() * 8:  # only scores whose higher bits match
+                c = c[(c >> (shift + 16)) == (prefix >> (shift + 16))]
+            hist += torch.bincount(((c >> shift) & 0xFFFF).long(), minlength=1 << 16)
+        above = hist.flip(0).cumsum(0)  # above[i]: count with digit ≥ 65535 − i
+        i = int(torch.searchsorted(above, need))  # first i with above[i] ≥ need
+        digit = 0xFFFF - i
+        need -= int(above[i - 1]) if i > 0 else 0
+        prefix |= digit << shift
+    return torch.tensor(prefix, dtype=bits.dtype).view(scores.dtype)
+
+
 def top_k(scores: Tensor, k: int) -> Tensor:
     """Positions of the k largest scores, sorted ascending. Ties at the k-th value go to the
     lowest positions, so the choice does not depend on topk's internal order."""
     if k >= scores.numel():
         return torch.arange(scores.numel(), device=scores.device)
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64) \
+            and bool(scores.min() >= 0):
+        kth = _kth_largest(scores, k).to(scores.device)
+        above = torch.cat([(c > kth).nonzero().squeeze(1) + i * _CHUNK
+                           for i, c in enumerate(scores.split(_CHUNK))])
+        ties = torch.cat([(c == kth).nonzero().squeeze(1) + i * _CHUNK
+                          for i, c in enumerate(scores.split(_CHUNK))])[: k - above.numel()]
+        return torch.cat([above, ties]).sort().values
     kth = torch.topk(scores, k, sorted=False).values.min()
     above = (scores > kth).nonzero().squeeze(1)
     ties = (scores == kth).nonzero().squeeze(1)[: k - above.numel()]

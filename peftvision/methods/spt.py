@@ -11,8 +11,10 @@
    - T is a vector of length d and σ(T) ≥ d / β -> all of T trains (its delta covers every entry);
    - otherwise -> the σ(T) chosen entries of T train (an unstructured sparse delta).
    α = 10, r = 8 as in the paper; β = 5 as in the reference code. A larger α / β makes the
-   structured choice easier. The budget counts chosen weights, not trained parameters: a LoRA
-   costs cost(W) whatever σ(W) was, so the trained count is reported by peftvision.report.
+   structured choice easier.
+4. The budget is what trains: a LoRA costs cost(W) whatever σ(W) was, a whole vector its length.
+   The top k weights are taken with the largest k whose plan trains at most `fraction`·N (or
+   `count`) parameters (the head aside), so SPT stays within the budget it was given.
 timm's ViT fuses q, k, v in one Linear: it is one matrix here (the reference splits it in three).
 """
 
@@ -32,7 +34,7 @@ from .base import ApplyContext, number_in, positive_int
 from .lora import LoRAConv, LoRALinear
 from .sparse import SparseMethod
 from .sparse_importance import accumulate_gradients, check_gradient, default_loss
-from .sparse_selection import ScopeEntry, split_positions, top_k
+from .sparse_selection import ScopeEntry, flat, split_positions, top_k
 
 LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -77,6 +79,48 @@ def plan(entries: list[ScopeEntry], chosen: dict[str, torch.Tensor], modules: di
     return sparse, lora
 
 
+def trained(counts: list[int], entries: list[ScopeEntry], costs: list[int | None],
+            alpha: float, beta: float) -> int:
+    """Parameters `plan` trains when tensor i has counts[i] chosen entries."""
+    total = 0
+    for n, e, cost in zip(counts, entries, costs):
+        if cost is not None and n > 0 and n >= cost / alpha:
+            total += cost  # a LoRA
+        elif e.param.dim() == 1 and n > 0 and n >= e.param.numel() / beta:
+            total += e.param.numel()  # the whole vector
+        else:
+            total += n
+    return total
+
+
+def fit_budget(scores: torch.Tensor, budget: int, entries: list[ScopeEntry],
+               modules: dict[str, nn.Module], r: int, alpha: float, beta: float) -> dict[str, torch.Tensor]:
+    """The top k of `scores` per tensor, for the largest k ≤ budget whose plan trains at most
+    `budget` parameters (bisection; the trained count grows with k for α, β ≥ 1)."""
+    candidates = top_k(scores, budget)  # (budget,) positions, ascending
+    # by score, highest first, ties to the lower position: a prefix of length k is top_k(k)
+    order = candidates[torch.sort(scores[candidates], descending=True, stable=True).indices]
+    ends = torch.tensor([e.param.numel() for e in entries]).cumsum(0)
+    tensor_of = torch.searchsorted(ends, order, right=True)  # (budget,) entry index per position
+    costs = [lora_cost(modules[e.module], e.attr, r) for e in entries]
+
+    def cost_of(k: int) -> int:
+        counts = torch.bincount(tensor_of[:k], minlength=len(entries)).tolist()
+        return trained(counts, entries, costs, alpha, beta)
+
+    lo, hi = 0, budget  # the answer: the largest k with cost_of(k) ≤ budget
+    if cost_of(hi) > budget:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost_of(mid) <= budget else (lo, mid - 1)
+        if lo == 0:
+            raise ConfigError(f"spt: a budget of {budget} parameters fits no choice (one LoRA of "
+                              f"rank {r} costs more); raise fraction/count or lower r")
+    else:
+        lo = hi
+    return split_positions(order[:lo].sort().values, entries)
+
+
 @register_method
 @dataclass
 class SPT(SparseMethod):
@@ -110,11 +154,11 @@ class SPT(SparseMethod):
                                            self.loss_fn or default_loss, square=True,
                                            method=self.name)
         check_gradient(self.name, sensitivity)
-        scores = torch.cat([s.reshape(-1) for s in sensitivity])  # (N,)
+        scores = flat(sensitivity)  # (N,): accumulate_gradients' buffer itself, no copy
         del sensitivity
-        chosen = split_positions(top_k(scores, k), entries)
         modules = {e.module: get_module(ctx.model, e.module) for e in entries}
         modules = {n: getattr(m, "weighted_layer", m) for n, m in modules.items()}
+        chosen = fit_budget(scores, k, entries, modules, self.r, self.alpha, self.beta)
         return plan(entries, chosen, modules, self.r, self.alpha, self.beta)
 
     def recorded(self, sparse, lora) -> dict:

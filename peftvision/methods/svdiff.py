@@ -15,6 +15,10 @@ model. Each call takes the cheaper of two equal forms (no SVD ever runs after ap
 - factored: layer(x) + U·(shift ⊙ Vᵀx), ΔW never formed (few positions, e.g. a UNet's deep
   levels: at 4x4 positions, rebuilding a 1280 x 11520 ΔW costs ~80x the conv itself).
 
+The SVD runs once per apply (a progress bar on a terminal); set PEFTVISION_SVD_CACHE=<folder> to
+keep the factors on disk, keyed by a hash of each base weight, so that load_adapter onto the same
+base model reads them instead of recomputing (SD-1.5's UNet: minutes of SVD on a CPU).
+
 Without gradients (inference) W + ΔW is built once and reused until δ or W change (their
 _version counters and storage are the key), so the unmerged model runs at the base model's cost
 and holds one more copy of each shifted weight; a forward with gradients frees that copy.
@@ -26,8 +30,11 @@ extra copy of each shifted weight until it is unmerged or unloaded.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -63,6 +70,36 @@ def _run(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Te
     return layer._conv_forward(x, weight, bias)  # Conv: the layer's stride, padding, groups...
 
 
+SVD_CACHE_ENV = "PEFTVISION_SVD_CACHE"  # a folder: opt-in on-disk cache of the base weights' SVDs
+
+
+def svd(mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """U, σ, Vᵀ of `mat` (m, n), thin. With $PEFTVISION_SVD_CACHE set, read from / written to
+    <folder>/<sha256 of mat's bytes, dtype and shape>.safetensors, so applying SV-Diff again to the
+    same base weights (load_adapter) skips the SVD; a damaged entry is recomputed."""
+    folder = os.environ.get(SVD_CACHE_ENV)
+    if not folder:
+        return torch.linalg.svd(mat, full_matrices=False)
+    from safetensors.torch import load_file, save_file
+
+    host = mat.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{host.dtype}{tuple(host.shape)}".encode())
+    digest.update(host.view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+    path = Path(folder) / f"{digest.hexdigest()}.safetensors"
+    if path.is_file():
+        try:
+            t = load_file(path)
+            return t["u"].to(mat.device), t["s"].to(mat.device), t["vh"].to(mat.device)
+        except Exception:  # noqa: BLE001 - a truncated or foreign file: recompute and replace it
+            pass
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    save_file({"u": u.contiguous().cpu(), "s": s.cpu(), "vh": vh.contiguous().cpu()}, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    return u, s, vh
+
+
 class SpectralShift(AdditiveDeltaLayer):
     """δ on the singular values of a Linear/Conv weight, or added to a norm's weight."""
 
@@ -77,7 +114,7 @@ class SpectralShift(AdditiveDeltaLayer):
             return
         mat = rearrange(weight, "o ... -> o (...)")  # (C_out, C_in/g·k·k); a Linear's stays (out, in)
         exact = mat if mat.dtype in (torch.float32, torch.float64) else mat.float()  # no half SVD
-        u, s, vh = torch.linalg.svd(exact, full_matrices=False)  # (m, k), (k,), (k, n)
+        u, s, vh = svd(exact)  # (m, k), (k,), (k, n)
         # recomputed from the base weight whenever the method is applied, so never saved;
         # contiguous: LAPACK's column-major U and Vᵀ make every conv with them ~10x slower
         for name, t in (("svd_u", u), ("svd_s", s), ("svd_vh", vh)):
