@@ -353,3 +353,14 @@ def test_fp32_adapter_merges_into_a_half_base(dtype, method):
         pv.unmerge(model)
     assert qkv.weighted_layer.weight.dtype == dtype
     torch.testing.assert_close(qkv.weighted_layer.weight, w, rtol=0.02, atol=0.02)
+
+
+def test_ssf_merge_that_would_overflow_half_is_refused():
+    model = pv.apply(nn.Sequential(nn.Linear(4, 3).half()), "ssf", targets=["0"])
+    with torch.no_grad():
+        model[0].base_layer.weight[1, 2] = 60000.0
+        model[0].ssf_scale[1] = 2.0  # γ·W = 120000 > fp16's 65504: the merged weight would be inf
+    before = state_copy(model)
+    with pytest.raises(pv.MergeError, match="overflows"):
+        pv.merge(model)
+    assert_state_equal(model, before)
