@@ -35,7 +35,7 @@ def assert_state_equal(model: nn.Module, before: dict[str, torch.Tensor]) -> Non
 
 def train_steps(model: nn.Module, arch: str, steps: int = 2, dtype: torch.dtype | None = None) -> None:
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(steps):
         inputs = make_inputs(arch)
         if dtype is not None:
