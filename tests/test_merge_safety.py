@@ -364,3 +364,27 @@ def test_ssf_merge_that_would_overflow_half_is_refused():
     with pytest.raises(pv.MergeError, match="overflows"):
         pv.merge(model)
     assert_state_equal(model, before)
+
+
+@pytest.mark.parametrize("method", ["shpeft", "spt"])
+def test_sparse_methods_on_a_half_base(method):
+    from test_sparse_methods import batches
+
+    half = torch.float16
+    data = [tuple(t.to(half) if t.is_floating_point() else t for t in b) for b in batches("vit")]
+    model = pv.apply(make_model("vit").to(half), method, data=data, fraction=0.03)
+    randomize_adapters(model, 0.01)
+    trained = [e for e in iter_parameters(model) if e.adapter is not None and e.param.requires_grad]
+    assert trained and all(e.param.dtype == torch.float32 for e in trained)
+    x = make_inputs("vit")[0].to(half)
+    out = model(x)
+    assert out.dtype == half
+    loss_fn("vit", out.float(), make_target("vit", out)).backward()
+    assert all(e.param.grad.dtype == torch.float32 for e in trained)
+    before = state_copy(model)
+    with torch.no_grad():
+        y = model(x)
+        pv.merge(model)
+        torch.testing.assert_close(model(x), y, rtol=0.01, atol=0.01)
+        pv.unmerge(model)
+    assert_state_equal(model, before)  # sparse entries and SPT's LoRA: bitwise
