@@ -184,6 +184,18 @@ def scale_inverse_is_exact(scale: Tensor, dtype: torch.dtype) -> bool:
     return bool(torch.isfinite(magnitude).all()) and bool((magnitude >= eps).all())
 
 
+def scaled_rows_overflow(weight: Tensor, scale: Tensor, rows_first: bool = True) -> bool:
+    """True when scaling `weight`'s output rows (dim 0; the last dim when not `rows_first`, a norm
+    weight) by `scale` overflows a half-precision dtype: the merged weight would hold inf."""
+    if weight.dtype not in HALF:
+        return False  # fp32 overflows only past 3e38
+    w = weight.detach()
+    w = w.reshape(w.shape[0], -1) if rows_first and w.dim() > 1 else w.reshape(-1, scale.numel()).T
+    low, high = torch.aminmax(w, dim=1)  # (C,): no weight-sized temporary
+    largest = torch.maximum(low.abs(), high.abs()).float() * scale.detach().abs().float()
+    return bool((largest > torch.finfo(weight.dtype).max).any())
+
+
 class AdditiveDeltaLayer(AdapterLayer):
     """An adapter whose merge is W + ΔW (and b + Δb): subclasses implement `delta_weight`, or
     `add_delta_` where ΔW can be added without building it (e.g. LoRA's W.addmm_(B, A))."""

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..affine import affine
 from ..errors import UnsupportedArchitectureError
-from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact
+from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact, scaled_rows_overflow
 from ..registry import register_method
 from ..targets import GENERIC, NORM_TYPES, UNET, _loaded_class
 from .base import ApplyContext, Method, parameters_under
@@ -78,7 +78,10 @@ class ChannelScale(AdapterLayer):
             why = branch_output_linear(self.weighted_layer)[1]
             if why:
                 return f"difffit's {type(self.weighted_layer).__name__} branch scale ({why})"
-        return super().merge_blocker()
+        blocker = super().merge_blocker()
+        if not blocker and scaled_rows_overflow(self.merge_layer.weight, self.difffit_scale):
+            blocker = f"difffit (γ·W overflows {self.merge_layer.weight.dtype})"
+        return blocker
 
     def needs_stash(self) -> bool:  # dividing by a zero or tiny γ would not give W back
         return not scale_inverse_is_exact(self.difffit_scale, self.merge_layer.weight.dtype)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..affine import affine
-from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact
+from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact, scaled_rows_overflow
 from ..registry import register_method
 from ..targets import GENERIC, RESNET, VIT, VIT_SSF, TargetSpec, _loaded_class
 from .base import ApplyContext, Method, number_in
@@ -91,6 +91,14 @@ class SSFLayer(AdapterLayer):
         if isinstance(self.weighted_layer, nn.LayerNorm) or weight.dim() == 1:
             return self.ssf_scale  # norm weights: channels are the last axis
         return self._view(self.ssf_scale, weight.dim(), 0)  # Linear/Conv: output channels are dim 0
+
+    def merge_blocker(self) -> str:
+        blocker = super().merge_blocker()
+        layer = self.merge_layer
+        if not blocker and scaled_rows_overflow(layer.weight, self.ssf_scale,
+                                                rows_first=not isinstance(layer, nn.LayerNorm)):
+            blocker = f"ssf into {type(layer).__name__} (γ·W overflows {layer.weight.dtype})"
+        return blocker
 
     def needs_stash(self) -> bool:  # dividing by a zero or tiny γ would not give W back
         return not scale_inverse_is_exact(self.ssf_scale, self.merge_layer.weight.dtype)
