@@ -129,3 +129,18 @@ class AdditiveDeltaLayer(AdapterLayer):
         delta_bias = self.delta_bias()
         new_bias = None if delta_bias is None else bias - delta_bias.to(bias.dtype)
         return weight - self.delta_weight().to(weight.dtype), new_bias
+
+
+class DenseDeltaLayer(AdditiveDeltaLayer):
+    """An additive adapter whose ΔW is built densely (LoHa, LoKr) and applied with the wrapped
+    layer's own op: F.linear, or the conv's stride, padding, padding mode, dilation and groups."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        layer = self.weighted_layer
+        delta = self.delta_weight()  # the base weight's shape
+        if isinstance(layer, nn.Linear):
+            return out + nn.functional.linear(x, delta)  # (..., out)
+        return out + layer._conv_forward(x, delta, None)  # (B, out, *spatial')
