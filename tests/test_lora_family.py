@@ -188,8 +188,8 @@ def _lin_case(in_f, out_f, bias, seed):
 
 
 @st.composite
-def conv_cases(draw, grouped=True):
-    g = draw(st.sampled_from([1, 2] if grouped else [1]))
+def conv_cases(draw):
+    g = draw(st.sampled_from([1, 2]))
     cin, cout = g * draw(st.integers(1, 4)), g * draw(st.integers(1, 4))
     k = draw(st.sampled_from([1, 2, 3]))
     stride, dilation = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
@@ -222,9 +222,16 @@ def _randomised(adapter, scale=0.5):
     return {n: p.detach().double() for n, p in adapter.named_parameters(recurse=False)}
 
 
-def _dora_reference(w0, p, scaling):
-    a, b = p["lora_A"].flatten(1), p["lora_B"].flatten(1)  # (r, in·k·k), (out, r): groups = 1
-    adapted = w0.flatten(1) + scaling * b @ a
+def _lora_delta(p, out: int, groups: int) -> torch.Tensor:
+    """ΔW / s, (out, in/g·k·k): output o of group j mixes A's rows j·r .. j·r + r - 1."""
+    a, b = p["lora_A"].flatten(1), p["lora_B"].flatten(1)  # (g·r, in/g·k·k), (out, r)
+    r = b.shape[1]
+    rows = [b[o] @ a[(o // (out // groups)) * r:(o // (out // groups) + 1) * r] for o in range(out)]
+    return torch.stack(rows)
+
+
+def _dora_reference(w0, p, scaling, groups=1):
+    adapted = w0.flatten(1) + scaling * _lora_delta(p, w0.shape[0], groups)
     return (p["lora_magnitude"][:, None] * adapted / adapted.norm(dim=1, keepdim=True)).reshape(w0.shape)
 
 
@@ -241,14 +248,15 @@ def test_dora_linear_merge_exact(in_f, out_f, r, alpha, rslora, bias, seed):
 
 
 @PROPS
-@given(case=conv_cases(grouped=False), r=st.integers(1, 3), seed=st.integers(0, 2**16))
+@given(case=conv_cases(), r=st.integers(1, 3), seed=st.integers(0, 2**16))
 def test_dora_conv2d_merge_exact(case, r, seed):
     conv, x = case
     before = snapshot(conv)
     model, adapter = wrapped(conv, "dora", r=r)
     torch.manual_seed(seed)
     p = _randomised(adapter)
-    _cycle(model, adapter, conv, x, before, _dora_reference(before["weight"].double(), p, 1.0))
+    merged = _dora_reference(before["weight"].double(), p, 1.0, conv.groups)
+    _cycle(model, adapter, conv, x, before, merged)
 
 
 def _loha_reference(w0, p, scaling):
@@ -425,6 +433,10 @@ PEFT_CASES = {  # ours -> (peft config class, its options, our parameter name ->
                ("LoraConfig", dict(r=2, lora_alpha=4, use_rslora=True)), {}),
     "dora": (dict(method="dora", r=2, alpha=4), ("LoraConfig", dict(r=2, lora_alpha=4, use_dora=True)),
              {"lora_magnitude": "lora_magnitude_vector"}),
+    # train mode with dropout: one mask shared by both terms of DoRA's adapted path
+    "dora-dropout": (dict(method="dora", r=2, alpha=4, dropout=0.5),
+                     ("LoraConfig", dict(r=2, lora_alpha=4, use_dora=True, lora_dropout=0.5)),
+                     {"lora_magnitude": "lora_magnitude_vector"}),
     "loha": (dict(method="loha", r=2, alpha=4), ("LoHaConfig", dict(r=2, alpha=4)), {}),
     "lokr": (dict(method="lokr", r=2, alpha=4), ("LoKrConfig", dict(r=2, alpha=4)), {}),
     "lokr-both": (dict(method="lokr", r=1, alpha=3, decompose_both=True),
@@ -447,7 +459,7 @@ def test_outputs_equal_peft(case):
                                  getattr(peft, peft_cls)(**{"target_modules": ["lin", "conv"], **peft_kw}))
     params = dict(theirs.named_parameters())
     randomize_adapters(ours)
-    copied = 0
+    pairs = []
     with torch.no_grad():
         for e in iter_parameters(ours):
             if e.adapter is None or not e.param.requires_grad:
@@ -456,11 +468,19 @@ def test_outputs_equal_peft(case):
             key = f"base_model.model.{module}.{renames.get(pname, pname)}.default"
             key = key if key in params else f"{key}.weight"  # peft's ParameterDict or sub-module
             params[key].copy_(e.param.reshape(params[key].shape))
-            copied += 1
-    assert copied == sum(1 for n, p in theirs.named_parameters() if p.requires_grad)
+            pairs.append((e.param, params[key]))
+    assert len(pairs) == sum(1 for n, p in theirs.named_parameters() if p.requires_grad)
     x, z = torch.randn(3, 12), torch.randn(2, 4, 5, 5)
-    with torch.no_grad():
-        assert_outputs_close(ours(x, z), theirs(x, z))
+    torch.manual_seed(1)  # the same dropout masks (the only random draws in the forward)
+    y_ours = ours(x, z)
+    torch.manual_seed(1)
+    y_theirs = theirs(x, z)
+    assert_outputs_close(y_ours.detach(), y_theirs.detach())
+    # the same gradients too: DoRA's norm is a constant in both (paper section 4.3)
+    (y_ours ** 2).sum().backward()
+    (y_theirs ** 2).sum().backward()
+    for mine, their in pairs:
+        assert_outputs_close(mine.grad.reshape(their.shape), their.grad, rtol=1e-4)
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])

@@ -60,12 +60,13 @@ class DoRAMixin(LoRALayer):
         norm = self._norm(self._adapted_weight(weight)).detach()  # (out,): a constant (paper §4.3)
         scale = self._on_output(self.lora_magnitude / norm, out)
         bias = self.weighted_layer.bias
+        x_drop = self._drop(x)  # one dropout mask for both terms of the adapted path, as in peft
         if self.dropout is None:  # reuse W0·x from the base output
             w0x = out if bias is None else out - self._on_output(bias, out)
-        else:  # dropout applies to the adapted path, as in peft
-            w0x = self._base_product(self._drop(x))
+        else:
+            w0x = self._base_product(x_drop)
         # b + W0·x + (m/‖·‖ - 1)·W0·x + (m/‖·‖)·ΔW·x = b + (m/‖·‖)·(W0 + ΔW)·x in eval mode
-        return out + (scale - 1) * w0x + scale * self.branch(x)
+        return out + (scale - 1) * w0x + scale * self.branch(x, x_drop)
 
     # merge: W' = (m/‖W0 + ΔW‖)·(W0 + ΔW), bias unchanged. Unmerge needs that norm, which W'
     # no longer holds (‖W'‖ = |m|), so merge keeps it.

@@ -109,11 +109,12 @@ class LoRALinear(LoRALayer):
         out = self.base_layer(x)  # (..., out)
         if self.merged:
             return out
-        return out + self.branch(x)
+        return out + self.branch(x, self._drop(x))
 
-    def branch(self, x: Tensor) -> Tensor:
-        """ΔW·x, the adapter's share of the output (dropout on the trained factors only)."""
-        low = F.linear(self._drop(x), self.lora_A)  # (..., r)
+    def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:
+        """ΔW·x, the adapter's share of the output; the trained factors see the dropped-out
+        input `x_drop`, PiSSA / OLoRA's frozen offset the input itself."""
+        low = F.linear(x_drop, self.lora_A)  # (..., r)
         delta = F.linear(low, self.lora_B)  # (..., out)
         if self.has_offset:  # exactly zero at init: the same ops on equal factors
             delta = delta - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
@@ -198,12 +199,12 @@ class LoRAConv(LoRALayer):
         out = self.base_layer(x)  # (B, out, *spatial')
         if self.merged:
             return out
-        return out + self.branch(x)
+        return out + self.branch(x, self._drop(x))
 
-    def branch(self, x: Tensor) -> Tensor:
-        """ΔW * x, the adapter's share of the output (dropout on the trained factors only)."""
+    def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:
+        """ΔW * x, the adapter's share of the output (see LoRALinear.branch)."""
         base = self.weighted_layer
-        low = base._conv_forward(self._drop(x), self.lora_A, None)  # (B, g*r, *spatial'): base geometry
+        low = base._conv_forward(x_drop, self.lora_A, None)  # (B, g*r, *spatial'): base geometry
         delta = self._pointwise(low, self.lora_B, groups=base.groups)  # (B, out, *spatial')
         if self.has_offset:  # PiSSA / OLoRA need groups == 1
             delta = delta - self._pointwise(base._conv_forward(x, self.lora_A0, None), self.lora_B0)
