@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from models import make_inputs, make_model, run
+from models import loss_fn, make_inputs, make_model, make_target, run
 from test_merge_properties import PROPS, assert_scaled_close, check_cycle, snapshot, wrapped
 from torch import nn
 
@@ -135,6 +135,23 @@ def test_trainable_count(arch, name):
     rep = pv.report(model)
     assert rep.trainable == expected
     assert rep.by_method[SPECS[name].name] == expected - rep.by_method.get("head", 0)
+
+
+@pytest.mark.parametrize("arch,name", CASES)
+def test_training_step_changes_only_trainable(arch, name):
+    model = applied(arch, name).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    out = run(model, make_inputs(arch))
+    loss_fn(arch, out, make_target(arch, out)).backward()
+    # at init some factors get no gradient (LoHa's W1·W2a while W2b = 0, LoKr's W2 while W1 = 0)
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad <= trainable
+    adapter_params = {e.name for e in iter_parameters(model) if e.adapter is not None}
+    assert with_grad & adapter_params, "no adapter parameter got a gradient"
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == with_grad
 
 
 @pytest.mark.parametrize("arch,name", CASES)
