@@ -57,7 +57,8 @@ class DoRAMixin(LoRALayer):
         if self.merged:
             return out
         weight = self.weighted_layer.weight
-        norm = self._norm(self._adapted_weight(weight)).detach()  # (out,): a constant (paper §4.3)
+        with torch.no_grad():  # ‖W0 + ΔW‖ is a constant in the backward pass (paper §4.3)
+            norm = self._norm(self._adapted_weight(weight))  # (out,)
         scale = self._on_output(self.lora_magnitude / norm, out)
         bias = self.weighted_layer.bias
         x_drop = self._drop(x)  # one dropout mask for both terms of the adapted path, as in peft

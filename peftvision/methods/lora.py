@@ -36,8 +36,6 @@ from ..targets import (
 from .base import ApplyContext, Method, number_in, positive_int
 
 QKV = "qkv"
-
-
 INITS = ("kaiming", "gaussian", "pissa", "olora")
 
 
