@@ -337,6 +337,21 @@ def test_loha_lokr_oft_conv2d_merge_exact(method, case, r):
     _cycle(model, adapter, conv, x, before, merged)
 
 
+@pytest.mark.parametrize("method", ["dora", "loha", "lokr", "oft"])
+@pytest.mark.parametrize("dims", [1, 3])
+def test_conv1d_conv3d_merge_exact(method, dims):
+    torch.manual_seed(dims)
+    conv = (nn.Conv1d if dims == 1 else nn.Conv3d)(4, 6, 3, padding=1, groups=2)
+    x = torch.randn(2, 4, *([5] * dims))
+    before = snapshot(conv)
+    model, adapter = wrapped(conv, method, **(dict(block_size=3) if method == "oft" else dict(r=2)))
+    p = _randomised(adapter, scale=0.3)
+    w0 = before["weight"].double()
+    merged = {"dora": lambda: _dora_reference(w0, p, 1.0, groups=2), "loha": lambda: _loha_reference(w0, p, 1.0),
+              "lokr": lambda: _lokr_reference(w0, p, 1.0), "oft": lambda: _oft_reference(w0, p)}[method]()
+    _cycle(model, adapter, conv, x, before, merged)
+
+
 @PROPS
 @given(init=st.sampled_from(["pissa", "olora"]), in_f=st.integers(2, 12), out_f=st.integers(2, 12),
        r=st.integers(1, 4), alpha=st.floats(0.5, 16.0), bias=st.booleans(), seed=st.integers(0, 2**16))
