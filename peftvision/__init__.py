@@ -10,18 +10,22 @@ from .errors import (
                      CorruptAdapterError,
                      MergeError,
                      NotAppliedError,
+                     OfflineError,
                      PeftVisionError,
                      TargetError,
                      UnknownMethodError,
                      UnsupportedArchitectureError,
 )
 from .hub import push_to_hub
+from .record import AppliedRecord, MethodRecord, applied
 from .registry import get_method, methods, register_method
 from .report import Report, report
 
 __all__ = [
     "__version__", "apply", "config", "merge", "unmerge", "unload", "report", "Report",
     "save_adapter", "load_adapter", "push_to_hub", "methods", "get_method", "register_method",
+    "applied", "AppliedRecord", "MethodRecord",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
     "UnsupportedArchitectureError", "MergeError", "NotAppliedError", "AdapterLoadError", "CorruptAdapterError",
+    "OfflineError",
 ]

@@ -43,6 +43,9 @@ class Report:
 
 def report(model: nn.Module) -> Report:
     """Total and trainable parameters of `model`, per applied method and per module type."""
+    from .wrappers import unwrap
+
+    model = unwrap(model)
     state = get_state(model)
     selected = state.selected if state else {}
     head = set(state.head) if state else set()

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, MergeError
-from ..layers import AdapterLayer
+from ..errors import ConfigError
+from ..layers import AdapterLayer, adapter_dtype
 from ..registry import register_method
 from .lora import LoRA, LoRAConv, LoRALayer, LoRALinear
 
@@ -24,13 +24,16 @@ from .lora import LoRA, LoRAConv, LoRALayer, LoRALinear
 class DoRAMixin(LoRALayer):
     """The magnitude vector and the merge of a DoRA layer; `_base_product` is W0·x without bias."""
 
+    # W' = (m/‖W0 + ΔW‖)·(W0 + ΔW) no longer holds ‖W0 + ΔW‖ (‖W'‖ = |m|), and m may be ~0:
+    # merge keeps W0 and unmerge writes it back bit for bit
+    stash_on_merge = True
+
     def _setup_magnitude(self) -> None:
         if isinstance(self.base_layer, AdapterLayer):
             raise ConfigError("dora: the layer already has another adapter; DoRA renormalises the "
                               "whole weight, so apply dora first and the other method after it")
         weight = self.weighted_layer.weight
-        self.lora_magnitude = nn.Parameter(self._norm(weight.detach()))  # (out,)
-        self.register_buffer("_merged_norm", None, persistent=False)
+        self.lora_magnitude = nn.Parameter(self._norm(weight.detach()).to(adapter_dtype(weight)))  # (out,)
 
     def init_weights(self, init: str) -> None:
         super().init_weights(init)
@@ -42,7 +45,8 @@ class DoRAMixin(LoRALayer):
         return weight.flatten(1).norm(dim=1)  # (out,)
 
     def _adapted_weight(self, weight: Tensor) -> Tensor:
-        return weight + self.delta_weight().to(weight.dtype)  # (out, in, *k)
+        delta = self.delta_weight()  # in the adapter's dtype: the sum in the wider one
+        return weight.to(delta.dtype) + delta  # (out, in, *k)
 
     def _on_output(self, v: Tensor, out: Tensor) -> Tensor:
         """(out,) -> broadcastable against the layer's output."""
@@ -59,7 +63,7 @@ class DoRAMixin(LoRALayer):
         weight = self.weighted_layer.weight
         with torch.no_grad():  # ‖W0 + ΔW‖ is a constant in the backward pass (paper §4.3)
             norm = self._norm(self._adapted_weight(weight))  # (out,)
-        scale = self._on_output(self.lora_magnitude / norm, out)
+        scale = self._on_output((self.lora_magnitude / norm).to(out.dtype), out)
         bias = self.weighted_layer.bias
         x_drop = self._drop(x)  # one dropout mask for both terms of the adapted path, as in peft
         if self.dropout is None:  # reuse W0·x from the base output
@@ -69,21 +73,9 @@ class DoRAMixin(LoRALayer):
         # b + W0·x + (m/‖·‖ - 1)·W0·x + (m/‖·‖)·ΔW·x = b + (m/‖·‖)·(W0 + ΔW)·x in eval mode
         return out + (scale - 1) * w0x + scale * self.branch(x, x_drop)
 
-    # merge: W' = (m/‖W0 + ΔW‖)·(W0 + ΔW), bias unchanged. Unmerge needs that norm, which W'
-    # no longer holds (‖W'‖ = |m|), so merge keeps it.
-    def merged_weight_and_bias(self, weight, bias):
+    def merge_into(self, weight, bias):  # W' = (m/‖W0 + ΔW‖)·(W0 + ΔW), bias unchanged
         adapted = self._adapted_weight(weight)  # (out, in, *k)
-        norm = self._norm(adapted)  # (out,)
-        self._merged_norm = norm
-        return _on_weight(self.lora_magnitude / norm, weight) * adapted, None
-
-    def unmerged_weight_and_bias(self, weight, bias):
-        if self._merged_norm is None:
-            raise MergeError("dora: the norm used by merge is unknown (the layer was not merged in "
-                             "this session); reload the adapter onto an unmerged base model")
-        factor = _on_weight(self._merged_norm / self.lora_magnitude, weight)
-        self._merged_norm = None
-        return weight * factor - self.delta_weight().to(weight.dtype), None
+        weight.copy_(_on_weight(self.lora_magnitude / self._norm(adapted), weight) * adapted)
 
 
 def _on_weight(v: Tensor, weight: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..layers import DenseDeltaLayer
+from ..layers import DenseDeltaLayer, like_kwargs
 from ..registry import register_method
 from ..targets import (
     GENERIC,
@@ -35,7 +35,7 @@ class LoHaLayer(DenseDeltaLayer):
         weight = self.weighted_layer.weight  # (out, in/g, *k)
         out, fan_in = weight.shape[0], weight[0].numel()
         self.r, self.scaling = r, alpha / r
-        like = dict(dtype=weight.dtype, device=weight.device)
+        like = like_kwargs(weight)
         self.hada_w1_a = nn.Parameter(torch.empty(out, r, **like))
         self.hada_w1_b = nn.Parameter(torch.empty(r, fan_in, **like))
         self.hada_w2_a = nn.Parameter(torch.empty(out, r, **like))

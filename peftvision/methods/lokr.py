@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..layers import DenseDeltaLayer
+from ..layers import DenseDeltaLayer, like_kwargs
 from ..registry import register_method
 from ..targets import (
     GENERIC,
@@ -58,7 +58,7 @@ class LoKrLayer(DenseDeltaLayer):
         a, b = factorization(weight.shape[0], factor)  # out = a·b
         c, d = factorization(weight.shape[1], factor)  # in/g = c·d
         self.r, self.scaling = r, alpha / r
-        like = dict(dtype=weight.dtype, device=weight.device)
+        like = like_kwargs(weight)
         if decompose_both and r < max(a, c) / 2:
             self.lokr_w1_a = nn.Parameter(torch.zeros(a, r, **like))
             self.lokr_w1_b = nn.Parameter(torch.empty(r, c, **like))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..layers import AdditiveDeltaLayer
+from ..layers import AdditiveDeltaLayer, like_kwargs
 from ..registry import register_method
 from ..targets import (
     GENERIC,
@@ -98,9 +98,9 @@ class LoRALinear(LoRALayer):
                  rslora: bool = False) -> None:
         super().__init__(base_layer, r, alpha, dropout, rslora)
         base_layer = self.weighted_layer
-        weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=weight.dtype, device=weight.device))
+        kw = like_kwargs(base_layer.weight)
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -110,18 +110,24 @@ class LoRALinear(LoRALayer):
         return out + self.branch(x, self._drop(x))
 
     def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:
-        """ΔW·x, the adapter's share of the output; the trained factors see the dropped-out
-        input `x_drop`, PiSSA / OLoRA's frozen offset the input itself."""
-        low = F.linear(x_drop, self.lora_A)  # (..., r)
-        delta = F.linear(low, self.lora_B)  # (..., out)
+        """ΔW·x, the adapter's share of the output, in x's dtype; the trained factors see the
+        dropped-out input `x_drop`, PiSSA / OLoRA's frozen offset the input itself."""
+        low = F.linear(x_drop, self.lora_A.to(x.dtype))  # (..., r)
+        delta = F.linear(low, self.lora_B.to(x.dtype))  # (..., out)
         if self.has_offset:  # exactly zero at init: the same ops on equal factors
-            delta = delta - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+            delta = delta - F.linear(F.linear(x, self.lora_A0.to(x.dtype)), self.lora_B0.to(x.dtype))
         return delta * self.scaling
 
     def delta_weight(self) -> Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
         offset = self.offset_weight()
         return delta if offset is None else delta - offset
+
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        # an fp32 adapter on an fp16 base (round once), or PiSSA / OLoRA's offset: build ΔW
+        if weight.dtype != self.lora_A.dtype or self.has_offset:
+            return super().add_delta_(weight, sign)
+        weight.addmm_(self.lora_B, self.lora_A, alpha=sign * self.scaling)  # no (out, in) temporary
 
 
 class LoRAFusedLinear(LoRALayer):
@@ -135,10 +141,10 @@ class LoRAFusedLinear(LoRALayer):
             raise ConfigError(f"fused qkv needs out_features divisible by 3, got {base_layer.out_features}")
         self.slots = [QKV.index(p) for p in parts]  # which thirds are adapted, in q, k, v order
         self.width = base_layer.out_features // len(QKV)
-        weight = base_layer.weight
+        kw = like_kwargs(base_layer.weight)
         n = len(self.slots)
-        self.lora_A = nn.Parameter(torch.empty(n, r, base_layer.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(n, self.width, r, dtype=weight.dtype, device=weight.device))
+        self.lora_A = nn.Parameter(torch.empty(n, r, base_layer.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(n, self.width, r, **kw))
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
@@ -153,9 +159,9 @@ class LoRAFusedLinear(LoRALayer):
         if self.merged:
             return out
         n, r = self.lora_A.shape[:2]
-        low = F.linear(self._drop(x), self.lora_A.reshape(n * r, -1))  # (..., n*r)
+        low = F.linear(self._drop(x), self.lora_A.reshape(n * r, -1).to(x.dtype))  # (..., n*r)
         low = low.unflatten(-1, (n, r))  # (..., n, r)
-        delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B) * self.scaling  # (..., n, D)
+        delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B.to(low.dtype)) * self.scaling  # (..., n, D)
         return out + self._scatter(delta)
 
     def _scatter(self, delta: Tensor) -> Tensor:
@@ -176,6 +182,13 @@ class LoRAFusedLinear(LoRALayer):
         delta[self.slots] = per_slot
         return delta.reshape(-1, per_slot.shape[-1])  # (3D, in)
 
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if weight.dtype != self.lora_A.dtype or not weight.is_contiguous():
+            return super().add_delta_(weight, sign)
+        slots = weight.view(len(QKV), self.width, -1)  # (3, D, in): the q, k, v rows
+        for i, slot in enumerate(self.slots):
+            slots[slot].addmm_(self.lora_B[i], self.lora_A[i], alpha=sign * self.scaling)
+
 
 class LoRAConv(LoRALayer):
     """Conv LoRA. `r` is the rank per group: A is a conv with the base's kernel, stride, padding,
@@ -186,10 +199,10 @@ class LoRAConv(LoRALayer):
         super().__init__(base_layer, r, alpha, dropout, rslora)
         base_layer = self.weighted_layer
         weight = base_layer.weight  # (out, in/g, *k)
-        g = base_layer.groups
-        self.lora_A = nn.Parameter(torch.empty(g * r, *weight.shape[1:], dtype=weight.dtype, device=weight.device))
+        g, kw = base_layer.groups, like_kwargs(weight)
+        self.lora_A = nn.Parameter(torch.empty(g * r, *weight.shape[1:], **kw))
         ones = (1,) * (weight.dim() - 2)
-        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, *ones, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, *ones, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self._pointwise = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
 
@@ -202,10 +215,11 @@ class LoRAConv(LoRALayer):
     def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:
         """ΔW * x, the adapter's share of the output (see LoRALinear.branch)."""
         base = self.weighted_layer
-        low = base._conv_forward(x_drop, self.lora_A, None)  # (B, g*r, *spatial'): base geometry
-        delta = self._pointwise(low, self.lora_B, groups=base.groups)  # (B, out, *spatial')
+        low = base._conv_forward(x_drop, self.lora_A.to(x.dtype), None)  # (B, g*r, *spatial'): base geometry
+        delta = self._pointwise(low, self.lora_B.to(low.dtype), groups=base.groups)  # (B, out, *spatial')
         if self.has_offset:  # PiSSA / OLoRA need groups == 1
-            delta = delta - self._pointwise(base._conv_forward(x, self.lora_A0, None), self.lora_B0)
+            low0 = base._conv_forward(x, self.lora_A0.to(x.dtype), None)  # (B, r, *spatial')
+            delta = delta - self._pointwise(low0, self.lora_B0.to(low0.dtype))
         return delta * self.scaling
 
     def delta_weight(self) -> Tensor:
@@ -217,6 +231,14 @@ class LoRAConv(LoRALayer):
         if offset is not None:
             delta = delta - offset.reshape(delta.shape)
         return delta.reshape(self.weighted_layer.weight.shape)
+
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if weight.dtype != self.lora_A.dtype or not weight.is_contiguous() or self.has_offset:
+            return super().add_delta_(weight, sign)
+        g = self.weighted_layer.groups
+        a = self.lora_A.reshape(g, self.r, -1)  # (g, r, in/g * k)
+        b = self.lora_B.reshape(g, -1, self.r)  # (g, out/g, r)
+        weight.view(g, b.shape[1], -1).baddbmm_(b, a, alpha=sign * self.scaling)  # in place
 
 
 @register_method
@@ -253,15 +275,20 @@ class LoRA(Method):
             if not parts or any(p not in QKV for p in parts) or len(set(parts)) != len(parts):
                 raise ConfigError(f"lora: qkv_parts must be a non-empty subset of 'qkv' such as 'qv', "
                                   f"got {self.qkv_parts!r}")
-            self.qkv_parts = "".join(sorted(parts, key=QKV.index))
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{self.name}: {flag} must be True or False, got {getattr(self, flag)!r}")
         if self.init not in INITS:
             raise ConfigError(f"{self.name}: init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if self.use_dora and self.qkv_parts not in (None, QKV):
+        if self.use_dora and self.qkv_slices() not in (None, QKV):
             raise ConfigError(f"{self.name}: DoRA normalises whole output rows; it cannot adapt only "
                               f"qkv_parts={self.qkv_parts!r}. Leave qkv_parts unset")
+
+    def qkv_slices(self) -> str | None:
+        """qkv_parts in q, k, v order ("V,q" -> "qv"), None when not given."""
+        if self.qkv_parts is None:
+            return None
+        return "".join(sorted(self.qkv_parts.lower().replace(",", ""), key=QKV.index))
 
     def layer_classes(self) -> tuple[type[LoRALayer], type[LoRALayer]]:
         """(Linear class, Conv class) this config wraps with."""
@@ -278,11 +305,12 @@ class LoRA(Method):
         opts = dict(dropout=self.dropout, rslora=self.use_rslora)
         linear_cls, conv_cls = self.layer_classes()
         allowed = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        parts = self.qkv_slices()
         for name, module in ctx.find(self, spec, allowed=allowed):
             if isinstance(module, nn.Linear):
-                fused = self.qkv_parts is not None and self.qkv_parts != QKV and name.endswith(QKV)
+                fused = parts is not None and parts != QKV and name.endswith(QKV)
                 factory = (
-                    (lambda m: LoRAFusedLinear(m, self.qkv_parts, self.r, alpha, **opts)) if fused
+                    (lambda m: LoRAFusedLinear(m, parts, self.r, alpha, **opts)) if fused
                     else (lambda m: linear_cls(m, self.r, alpha, **opts))
                 )
             else:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, like_kwargs
 from ..registry import register_method
 from ..targets import (
     GENERIC,
@@ -50,8 +50,8 @@ class OFTLayer(AdapterLayer):
         self.block_size = block_size_for(n, block_size)
         self.blocks = n // self.block_size
         b = self.block_size
-        self.oft_R = nn.Parameter(torch.zeros(self.blocks, b * (b - 1) // 2, dtype=weight.dtype,
-                                              device=weight.device))  # upper triangles of the Q_i
+        # the upper triangles of the Q_i
+        self.oft_R = nn.Parameter(torch.zeros(self.blocks, b * (b - 1) // 2, **like_kwargs(weight)))
 
     def rotation(self, dtype: torch.dtype | None = None) -> Tensor:
         """(blocks, b, b): R_i = (I - Q_i)(I + Q_i)⁻¹."""
@@ -74,18 +74,17 @@ class OFTLayer(AdapterLayer):
         layer = self.weighted_layer
         if self.merged:
             return self.base_layer(x)
-        weight = self._rotate(layer.weight, self.rotation())  # (out, in/g, *k)
+        rot = self.rotation()  # in the adapter's dtype
+        weight = self._rotate(layer.weight.to(rot.dtype), rot).to(x.dtype)  # (out, in/g, *k)
         if isinstance(layer, nn.Linear):
             return F.linear(x, weight, layer.bias)  # (..., out)
         return layer._conv_forward(x, weight, layer.bias)  # (B, out, *spatial')
 
-    def merged_weight_and_bias(self, weight, bias):
-        rot = self.rotation(torch.float64)
-        return self._rotate(weight.double(), rot).to(weight.dtype), None
+    def merge_into(self, weight, bias):  # W0·Rᵀ; the bias is not rotated
+        weight.copy_(self._rotate(weight.double(), self.rotation(torch.float64)))
 
-    def unmerged_weight_and_bias(self, weight, bias):
-        rot = self.rotation(torch.float64)
-        return self._rotate(weight.double(), rot, inverse=True).to(weight.dtype), None
+    def unmerge_from(self, weight, bias):  # W'·R, R orthogonal to float64 rounding
+        weight.copy_(self._rotate(weight.double(), self.rotation(torch.float64), inverse=True))
 
 
 @register_method
