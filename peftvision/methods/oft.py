@@ -54,8 +54,11 @@ class OFTLayer(AdapterLayer):
         self.oft_R = nn.Parameter(torch.zeros(self.blocks, b * (b - 1) // 2, **like_kwargs(weight)))
 
     def rotation(self, dtype: torch.dtype | None = None) -> Tensor:
-        """(blocks, b, b): R_i = (I - Q_i)(I + Q_i)⁻¹."""
-        vec = self.oft_R if dtype is None else self.oft_R.to(dtype)
+        """(blocks, b, b): R_i = (I - Q_i)(I + Q_i)⁻¹, in `dtype` (default: the adapter's, at
+        least float32: torch solves no half-precision systems)."""
+        if dtype is None:
+            dtype = torch.promote_types(self.oft_R.dtype, torch.float32)
+        vec = self.oft_R.to(dtype)
         b = self.block_size
         rows, cols = torch.triu_indices(b, b, 1, device=vec.device)
         q = vec.new_zeros(self.blocks, b, b)
@@ -74,7 +77,7 @@ class OFTLayer(AdapterLayer):
         layer = self.weighted_layer
         if self.merged:
             return self.base_layer(x)
-        rot = self.rotation()  # in the adapter's dtype
+        rot = self.rotation()  # (blocks, b, b), float32 or wider
         weight = self._rotate(layer.weight.to(rot.dtype), rot).to(x.dtype)  # (out, in/g, *k)
         if isinstance(layer, nn.Linear):
             return F.linear(x, weight, layer.bias)  # (..., out)
