@@ -223,6 +223,21 @@ class AdditiveDeltaLayer(AdapterLayer):
             bias.sub_(delta_bias)
 
 
+class DenseDeltaLayer(AdditiveDeltaLayer):
+    """An additive adapter whose ΔW is built densely (LoHa, LoKr) and applied with the wrapped
+    layer's own op: F.linear, or the conv's stride, padding, padding mode, dilation and groups."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        layer = self.weighted_layer
+        delta = self.delta_weight().to(x.dtype)  # the base weight's shape, in the activations' dtype
+        if isinstance(layer, nn.Linear):
+            return out + nn.functional.linear(x, delta)  # (..., out)
+        return out + layer._conv_forward(x, delta, None)  # (B, out, *spatial')
+
+
 # -- the dtype of new adapter parameters (apply's `adapter_dtype`) --------------------------------
 HALF = (torch.float16, torch.bfloat16)
 _ADAPTER_DTYPE: ContextVar[torch.dtype | str | None] = ContextVar("adapter_dtype", default=None)

@@ -49,6 +49,10 @@ def peft_files(model: nn.Module) -> tuple[dict, dict[str, Tensor], dict[str, Ten
     if [m.name for m in methods] != ["lora"]:
         raise ConfigError(f"format='peft' holds only LoRA, this model has {[m.name for m in methods]}")
     lora = methods[0]
+    if lora.use_dora or lora.init in ("pissa", "olora"):
+        what = "DoRA" if lora.use_dora else f"init={lora.init!r}"
+        raise ConfigError(f"format='peft' does not hold {what} LoRA adapters yet; save it in "
+                          "peftvision's format instead")
     layers = _lora_layers(model)
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         warnings.warn("peft's format cannot carry BatchNorm running statistics; a model trained in "
@@ -67,7 +71,7 @@ def peft_files(model: nn.Module) -> tuple[dict, dict[str, Tensor], dict[str, Ten
         "peft_type": "LORA", "r": lora.r, "lora_alpha": lora.alpha if lora.alpha is not None else lora.r,
         "lora_dropout": lora.dropout, "target_modules": sorted(layers), "bias": "none",
         "modules_to_save": heads or None, "fan_in_fan_out": False, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "task_type": None, "rank_pattern": {},
+        "use_rslora": lora.use_rslora, "use_dora": False, "task_type": None, "rank_pattern": {},
         "alpha_pattern": {}, "inference_mode": True,
         "base_model_name_or_path": state.base_identity.get("name"),
     }
@@ -86,7 +90,7 @@ def from_peft(config: dict, tensors: dict[str, Tensor], source: Path) -> tuple[d
     if config.get("peft_type") != "LORA":
         raise AdapterLoadError(f"{source} is a peft {config.get('peft_type')} adapter; "
                                "peftvision reads peft LoRA adapters only")
-    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern",
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern",
                                "layers_to_transform", "fan_in_fan_out") if config.get(k)]
     if unsupported or config.get("bias", "none") != "none":
         raise AdapterLoadError(f"{source}: peft LoRA options {unsupported or ['bias']} have no "
@@ -107,7 +111,7 @@ def from_peft(config: dict, tensors: dict[str, Tensor], source: Path) -> tuple[d
     # LoRALinear keeps A as (r, in); LoRAConv as (r, in, k, k): both as peft stores them
     lora = {"r": int(config["r"]), "alpha": float(config.get("lora_alpha", config["r"])),
             "dropout": float(config.get("lora_dropout", 0.0)), "targets": sorted(targets),
-            "qkv_parts": None}
+            "qkv_parts": None, "use_rslora": bool(config.get("use_rslora", False))}
     ours = {"methods": [{"name": "lora", "config": lora}], "base_model": {},
             "train_head": bool(config.get("modules_to_save")), "from_peft": True}
     return ours, renamed
