@@ -102,12 +102,10 @@ def _tiny(name: str, num_classes: int, image_size: int) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str) -> dict:
-    """Load a local weights file into `model` (peftvision.zoo.load_local_weights: the model's own
+    """Load a local weights file into `model` (peftvision.load_local_weights: the model's own
     timm checkpoint filter, old heads skipped, files for another model refused)."""
-    from peftvision.zoo import load_local_weights
-
     try:
-        return load_local_weights(model, path)
+        return pv.load_local_weights(model, path)
     except (OSError, ValueError) as e:
         raise ModelError(str(e)) from e
 

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import progress  # public module: the progress bars (PEFTVISION_PROGRESS=0/1)
 from .api import apply, config, merge, unload, unmerge
 from .checkpoint import load_adapter, save_adapter
 from .errors import (
@@ -16,14 +17,17 @@ from .errors import (
                      UnknownMethodError,
                      UnsupportedArchitectureError,
 )
-from .hub import push_to_hub
+from .record import AppliedRecord, MethodRecord, applied
 from .registry import get_method, methods, register_method
 from .report import Report, report
+from .sharing import push_to_hub
+from .zoo import create_model, load_local_weights
 
 __all__ = [
     "__version__", "apply", "config", "merge", "unmerge", "unload", "report", "Report",
     "save_adapter", "load_adapter", "push_to_hub", "methods", "get_method", "register_method",
+    "applied", "AppliedRecord", "MethodRecord", "create_model", "load_local_weights",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
     "UnsupportedArchitectureError", "MergeError", "NotAppliedError", "AdapterLoadError", "CorruptAdapterError",
-    "OfflineError",
+    "OfflineError", "progress",
 ]

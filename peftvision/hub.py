@@ -1,6 +1,8 @@
-"""Hugging Face Hub transfer. huggingface_hub is imported lazily, only when the Hub is used.
+"""Hugging Face Hub transfer of adapter folders. huggingface_hub is imported lazily, only when
+the Hub is used. This module moves folders and knows nothing of models (sharing.py saves then
+pushes; checkpoint.py downloads then loads), so nothing imports in a cycle.
 
-push = save the adapter to a temporary folder + one `upload_folder` commit (with a model card);
+push = one `upload_folder` commit of a saved adapter folder (with its model card);
 pull = `snapshot_download` of the adapter files (cache, token and HF_HUB_OFFLINE respected).
 """
 
@@ -8,32 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from torch import nn
-
 from .errors import AdapterLoadError, OfflineError
 
 ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
-
-
-def push_to_hub(model: nn.Module, repo_id: str, *, private: bool | None = None,
-                revision: str | None = None, commit_message: str | None = None,
-                token: str | None = None, tags: list[str] | None = None,
-                metrics: dict[str, float] | None = None) -> str:
-    """Upload the model's adapter (weights, config, model card) to `repo_id` in one commit.
-
-    `tags` go into the card's metadata (e.g. ["medical-imaging"]); `metrics` (name -> value)
-    are listed in the card. Returns the URL of the commit."""
-    from .checkpoint import save_adapter
-
-    with tempfile.TemporaryDirectory(prefix="peftvision-push-") as folder:
-        save_adapter(model, folder, tags=tags, metrics=metrics)  # fails early, before any upload
-        return push_folder(folder, repo_id, private=private, revision=revision,
-                           commit_message=commit_message, token=token)
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None,

@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from .state import get_state, iter_parameters
+from .record import applied
+from .state import iter_parameters
 
 
 @dataclass
@@ -43,9 +44,13 @@ class Report:
 
 def report(model: nn.Module) -> Report:
     """Total and trainable parameters of `model`, per applied method and per module type."""
-    state = get_state(model)
-    selected = state.selected if state else {}
-    head = set(state.head) if state else set()
+    from .wrappers import unwrap
+
+    model = unwrap(model)
+    record = applied(model)
+    methods = record.methods if record else ()
+    selected = {p: m.name for m in methods for p in m.selected}
+    head = set(record.head) if record else set()
     seen: set[int] = set()
     total = trainable = 0
     by_method: Counter[str] = Counter()
@@ -73,6 +78,6 @@ def report(model: nn.Module) -> Report:
         trainable=trainable,
         by_method=dict(by_method.most_common()),
         by_module_type=dict(by_type.most_common()),
-        methods=[m.name for m in state.methods] if state else [],
+        methods=[m.name for m in methods],
         model=type(model).__name__,
     )

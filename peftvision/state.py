@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import NotAppliedError
 from .layers import Adapter, AdapterLayer
@@ -17,6 +17,15 @@ if TYPE_CHECKING:
 STATE_ATTR = "_peftvision_state"
 
 
+class Originals(dict):
+    """canonical name -> a copy of a user tensor taken before peftvision let it change (selected
+    parameters, the head, buffers such as BatchNorm statistics), so unload(merge=False) writes it
+    back bitwise. The copies are never mutated, so copying the state shares them."""
+
+    def __deepcopy__(self, memo) -> Originals:
+        return Originals(self)
+
+
 @dataclass
 class PeftState:
     """Everything `apply` did to a model, so later calls need no extra arguments."""
@@ -25,10 +34,22 @@ class PeftState:
     base_identity: dict
     original_requires_grad: dict[str, bool]
     train_head: bool = True
+    fast_conv_bias: bool = True  # convs with a frozen weight and a trained bias get a fast subclass
+    # the applied configs as recorded (ApplyContext.record): what adapter_config.json keeps
     methods: list[Method] = field(default_factory=list)
     # canonical parameter name -> the method that selected it (the first one, if several did)
     selected: dict[str, str] = field(default_factory=dict)
     head: list[str] = field(default_factory=list)
+    wrapped: dict[str, list[str]] = field(default_factory=dict)  # method -> canonical module names
+    adapter_name: str = "default"
+    base_keys: list[str] = field(default_factory=list)  # the user model's state-dict keys
+    keep_original: bool = True  # apply(keep_original=...): copies kept for unload(merge=False)
+    originals: Originals = field(default_factory=Originals)
+
+    def keep(self, canonical: str, tensor: Tensor) -> None:
+        """Copy `tensor` (once) before it can change, when keep_original is on."""
+        if self.keep_original and canonical not in self.originals:
+            self.originals[canonical] = tensor.detach().clone()
 
 
 def get_state(model: nn.Module) -> PeftState | None:

@@ -6,6 +6,8 @@ whole model and never patches `forward` on an instance.
 
 from __future__ import annotations
 
+import copy
+import copyreg
 from collections.abc import Callable
 
 import torch
@@ -96,16 +98,35 @@ def _decoupled_bias_forward(self: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     return out + bias.view(1, -1, *([1] * (out.dim() - 2)))
 
 
-class BiasDecoupledConv1d(nn.Conv1d):
+class _BiasDecoupled:
+    """Mixin of the fast-path classes. A pickle of the module (torch.save(model)) names its
+    original class, so it loads as a plain nn.Conv*d, without peftvision; deepcopy keeps the
+    fast path. apply(..., fast_conv_bias=False) leaves every class as it is."""
+
     forward = _decoupled_bias_forward
 
+    def __reduce_ex__(self, protocol):
+        state = super().__reduce_ex__(2)[2:]  # (state, list items, dict items) of the module
+        # rebuilt by the standard library as an instance of the original class
+        return (copyreg._reconstructor, (_ORIGINAL[type(self)], object, None), *state)
 
-class BiasDecoupledConv2d(nn.Conv2d):
-    forward = _decoupled_bias_forward
+    def __deepcopy__(self, memo):
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
 
-class BiasDecoupledConv3d(nn.Conv3d):
-    forward = _decoupled_bias_forward
+class BiasDecoupledConv1d(_BiasDecoupled, nn.Conv1d):
+    pass
+
+
+class BiasDecoupledConv2d(_BiasDecoupled, nn.Conv2d):
+    pass
+
+
+class BiasDecoupledConv3d(_BiasDecoupled, nn.Conv3d):
+    pass
 
 
 _DECOUPLED = {nn.Conv1d: BiasDecoupledConv1d, nn.Conv2d: BiasDecoupledConv2d, nn.Conv3d: BiasDecoupledConv3d}
@@ -116,7 +137,8 @@ def decouple_conv_biases(model: nn.Module, journal: Journal | None = None) -> in
     """Give every plain Conv whose bias trains while its weight is frozen the bias-outside forward.
 
     The module keeps its identity, parameters and state-dict keys; only its class changes to a
-    subclass (so isinstance(m, nn.Conv2d) still holds). Conv subclasses with their own forward
+    subclass (so isinstance(m, nn.Conv2d) still holds, and a pickle names nn.Conv2d; code that
+    checks type(m) is nn.Conv2d needs apply(..., fast_conv_bias=False)). Conv subclasses with their own forward
     (timm's Conv2dSame, StdConv2d...) are left alone. Returns how many convs changed."""
     changed = 0
     for module in model.modules():

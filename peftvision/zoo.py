@@ -1,4 +1,5 @@
-"""Build base models by name, for the command line and the benchmarks.
+"""Build base models by name (pv.create_model, pv.load_local_weights): for the command line, the
+benchmarks and users who name models the way the CLI does.
 
 "NAME" or "timm:NAME"            a timm model (pretrained weights from the Hub, or a local file)
 "diffusers:ID_OR_DIR"            a diffusers UNet2DConditionModel (config or weights, `subfolder`)

@@ -148,4 +148,6 @@ def test_tiny_end_to_end_writes_result_json(demo_dir, tmp_path):
     assert saved["parameters"]["by_method"] == {"lora": saved["parameters"]["trainable"]}
     assert saved["adapter"]["bytes"] > 0 and saved["environment"]["git"]["sha"]
     assert (run_dir / "samples.png").is_file()
+    adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
+    assert saved["method"]["configs"] == {m["name"]: m["config"] for m in adapter_config["methods"]}
     pv.load_adapter(tiny_components(32).unet, run_dir)  # the adapter fits a fresh tiny base

@@ -299,7 +299,7 @@ def test_unsupported_pairs_raise(arch, method):
     model = make_model(arch)
     with pytest.raises(pv.UnsupportedArchitectureError, match=method):
         pv.apply(model, method)
-    assert not hasattr(model, "_peftvision_state")
+    assert pv.applied(model) is None
 
 
 def test_methods_table_matches_matrix():

@@ -3,8 +3,6 @@ model left exactly as it was (state dict bitwise, module types, requires_grad fl
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from models import make_inputs, make_model, run
@@ -20,7 +18,6 @@ from peftvision import (
     UnsupportedArchitectureError,
 )
 from peftvision.layers import AdapterLayer
-from peftvision.state import STATE_ATTR
 
 
 class Snapshot:
@@ -30,8 +27,7 @@ class Snapshot:
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.types = [(name, type(m)) for name, m in model.named_modules()]
         self.grads = {name: p.requires_grad for name, p in model.named_parameters()}
-        state = getattr(model, STATE_ATTR, None)
-        self.peft_state = copy.deepcopy(state)
+        self.record = self.summary(model)
         self.merged = [m.merged for m in model.modules() if isinstance(m, AdapterLayer)]
 
     def assert_unchanged(self, model: nn.Module) -> None:
@@ -42,12 +38,14 @@ class Snapshot:
         assert [(name, type(m)) for name, m in model.named_modules()] == self.types
         assert {name: p.requires_grad for name, p in model.named_parameters()} == self.grads
         assert [m.merged for m in model.modules() if isinstance(m, AdapterLayer)] == self.merged
-        now = getattr(model, STATE_ATTR, None)
-        if self.peft_state is None:
-            assert now is None and not hasattr(model, STATE_ATTR)
-        else:
-            assert [m.name for m in now.methods] == [m.name for m in self.peft_state.methods]
-            assert now.selected == self.peft_state.selected and now.head == self.peft_state.head
+        assert self.summary(model) == self.record
+
+    @staticmethod
+    def summary(model: nn.Module):
+        record = pv.applied(model)
+        if record is None:
+            return None
+        return record.head, [(m.name, m.config, m.selected, m.wrapped) for m in record.methods]
 
 
 def fresh(arch: str) -> nn.Module:
@@ -219,7 +217,7 @@ def test_failure_on_a_model_with_methods_applied_keeps_the_earlier_methods():
     model = pv.apply(fresh("resnet"), "bias")
     message = fails(model, UnsupportedArchitectureError, "attention", method=["lora", "attention"])
     assert "ResNet" in message
-    assert [m.name for m in getattr(model, STATE_ATTR).methods] == ["bias"]
+    assert pv.applied(model).names == ("bias",)
 
 
 # ---- apply / merge state errors -------------------------------------------------------------

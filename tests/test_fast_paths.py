@@ -1,6 +1,8 @@
 """Bias tuning pays only for what it trains: no conv weight gradient is computed."""
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -72,3 +74,37 @@ def test_lora_plus_bias_uses_fast_path_under_the_wrapper():
     assert torch.isfinite(y).all()
     pv.unload(model)
     assert not any(isinstance(m, BiasDecoupledConv2d) for m in model.modules())
+
+
+def test_fast_conv_bias_false_leaves_every_class_as_it_was():
+    model = pv.apply(make_model("unet"), "bias", fast_conv_bias=False)
+    types = [type(m) for m in make_model("unet").modules()]
+    assert [type(m) for m in model.modules()] == types
+    assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert not pv.applied(model).fast_conv_bias
+    with pytest.raises(pv.ConfigError, match="fast_conv_bias=True differs from the first apply"):
+        pv.apply(model, "norm", fast_conv_bias=True)
+    pv.apply(model, "norm")  # later calls keep the first call's choice
+    assert all(type(m) is nn.Conv2d for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_fast_path_convs_pickle_as_plain_convs():
+    """torch.save(model) of a bias-tuned model names nn.Conv2d, so it loads without peftvision
+    as a plain model with the same outputs; deepcopy keeps the fast path."""
+    model = pv.apply(make_model("unet"), "bias").eval()
+    assert any(type(m) is BiasDecoupledConv2d for m in model.modules())
+    data = pickle.dumps(model)
+    assert b"BiasDecoupled" not in data and b"peftvision.surgery" not in data
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert not any(isinstance(m, BiasDecoupledConv2d) for m in loaded.modules())
+    assert [n for n, _ in loaded.named_modules()] == [n for n, _ in model.named_modules()]
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded, make_inputs("unet")), run(model, make_inputs("unet")),
+                                   rtol=1e-5, atol=1e-6)
+    twin = copy.deepcopy(model)
+    assert [type(m) for m in twin.modules()] == [type(m) for m in model.modules()]
+    assert twin.conv_in.bias is not model.conv_in.bias
+    assert torch.equal(twin.conv_in.bias, model.conv_in.bias)

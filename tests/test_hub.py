@@ -118,7 +118,7 @@ def test_pull_adapter_for_another_base(fake_hub):
     resnet = make_model("resnet")
     with pytest.raises(pv.AdapterLoadError, match="saved for"):
         pv.load_adapter(resnet, "me/vit-lora")
-    assert not hasattr(resnet, "_peftvision_state")
+    assert pv.applied(resnet) is None
 
 
 def test_pull_offline_with_nothing_cached(monkeypatch):
@@ -131,7 +131,7 @@ def test_pull_offline_with_nothing_cached(monkeypatch):
 
 
 def test_not_a_repo_id_nor_folder():
-    with pytest.raises(pv.AdapterLoadError, match="neither an existing folder"):
+    with pytest.raises(pv.AdapterLoadError, match="does not exist"):
         pv.load_adapter(make_model("vit"), "no/such/folder")
 
 
@@ -161,10 +161,10 @@ def unreachable_hub(monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
 
 
-def test_offline_reason():
+def test_offline_reason(monkeypatch):
     from huggingface_hub import constants
 
-    assert constants.HF_HUB_OFFLINE  # the tests run with HF_HUB_OFFLINE=1
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as `make test` sets HF_HUB_OFFLINE=1
     assert peftvision.hub.offline_reason() == "HF_HUB_OFFLINE is set"
 
 

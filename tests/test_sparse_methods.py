@@ -18,8 +18,8 @@ from torch import nn
 import peftvision as pv
 from peftvision import ConfigError, CorruptAdapterError
 from peftvision.layers import Adapter, AdapterLayer
-from peftvision.methods.sparse import SparseDeltaLayer, top_k
-from peftvision.state import STATE_ATTR
+from peftvision.methods.sparse_layers import SparseDeltaLayer
+from peftvision.methods.sparse_selection import top_k
 
 # ---- helpers --------------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ class Snapshot:
         assert {n: (p.requires_grad, p.grad) for n, p in model.named_parameters()} == self.flags
         assert [type(m) for m in model.modules()] == self.types
         assert [m.training for m in model.modules()] == self.modes
-        assert not hasattr(model, STATE_ATTR)
+        assert pv.applied(model) is None
 
 
 # ---- brute-force references -------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_spt_plan_equals_brute_force():
     assert lora and any(len(v) < dict(model.named_parameters())[n].numel() for n, v in sparse.items())
 
     pv.apply(model, "spt", data=data, fraction=0.03)
-    cfg = getattr(model, STATE_ATTR).methods[0]
+    cfg = pv.applied(model).method("spt").config
     assert cfg.lora_modules == sorted(lora)
     assert chosen(model) == sparse
     lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
@@ -212,7 +212,7 @@ def test_spt_plan_equals_brute_force():
 @pytest.mark.parametrize("alpha,expect_lora", [(1e-6, False), (1e6, True)])
 def test_spt_alpha_moves_matrices_between_lora_and_sparse(alpha, expect_lora):
     model = pv.apply(make_model("vit"), "spt", data=batches(), fraction=0.03, alpha=alpha)
-    lora = getattr(model, STATE_ATTR).methods[0].lora_modules
+    lora = pv.applied(model).method("spt").config.lora_modules
     weights = [n for n in chosen(model) if n.endswith(".weight") and "norm" not in n]
     assert bool(lora) == expect_lora and bool(weights) != expect_lora
 
@@ -237,7 +237,7 @@ def test_counts_match_the_budget(arch, opts):
     k = opts.get("count") or round(opts["fraction"] * total)
     model = pv.apply(model, "shpeft", data=batches(arch), **opts)
     assert sum(len(v) for v in chosen(model).values()) == k
-    assert sum(getattr(model, STATE_ATTR).methods[0].selection.values()) == k
+    assert sum(pv.applied(model).method("shpeft").config.selection.values()) == k
     assert pv.report(model).by_method["shpeft"] == k
 
 
@@ -262,18 +262,35 @@ def test_ties_in_a_model_are_broken_by_model_order():
     assert picks == {"2.weight": [0, 1, 2, 3], "0.weight": [0]}
 
 
-def test_selection_is_reproducible_and_reapplying_the_config_gives_the_same_model():
+def test_selection_is_reproducible():
     cfg = pv.config("shpeft", data=batches(), fraction=0.05)
     a = pv.apply(make_model("vit"), cfg)
-    assert cfg.data is None and sum(cfg.selection.values()) > 0  # consumed into a selection
-    b = pv.apply(make_model("vit"), cfg)  # the same config object: the same indices, no data
+    b = pv.apply(make_model("vit"), cfg)  # the same config object chooses again from its data
     c = pv.apply(make_model("vit"), "shpeft", data=batches(), fraction=0.05)
     assert chosen(a) == chosen(b) == chosen(c)
 
 
+@pytest.mark.parametrize("method", ["shpeft", "spt"])
+def test_one_config_on_two_models_gives_each_its_own_selection(method):
+    """Regression: apply stored the choice in the config, so a second model silently reused the
+    first model's selection (and got no data)."""
+    data = batches()
+    cfg = pv.config(method, data=data, fraction=0.05)
+    before = copy.copy(cfg)
+    a = pv.apply(make_model("vit", 0), cfg)
+    assert cfg == before and cfg.data is data and cfg.selection is None  # the config is unchanged
+    b = pv.apply(make_model("vit", 1), cfg)
+    assert cfg == before
+    assert chosen(b) == chosen(pv.apply(make_model("vit", 1), method, data=batches(), fraction=0.05))
+    assert chosen(a) != chosen(b)
+    rec_a, rec_b = pv.applied(a).method(method), pv.applied(b).method(method)
+    assert rec_a.config.data is None and rec_a.config.selection != rec_b.config.selection
+    assert {k: v.tolist() for k, v in rec_a.details["indices"].items()} == chosen(a)
+
+
 def test_a_recorded_selection_without_its_indices_refuses_to_run():
     cfg = pv.get_method("shpeft").from_dict(
-        applied("vit", "shpeft")._peftvision_state.methods[0].to_dict())
+        pv.applied(applied("vit", "shpeft")).method("shpeft").config.to_dict())
     model = pv.apply(make_model("vit"), cfg)  # layers rebuilt; the indices come from load_adapter
     with pytest.raises(CorruptAdapterError, match="load_adapter"):
         outputs(model, "vit")
@@ -391,7 +408,7 @@ def test_identity_at_init(arch, spec):
 @pytest.mark.parametrize("arch,spec", CASES)
 def test_only_selected_values_train_and_the_count_is_the_formula(arch, spec):
     model = applied(arch, spec)
-    cfg = getattr(model, STATE_ATTR).methods[0]
+    cfg = pv.applied(model).methods[0].config
     head = head_names(model)
     modules = dict(model.named_modules())
     lora_cost = 0
@@ -594,7 +611,7 @@ def test_a_failed_apply_restores_the_config():
     with pytest.raises(pv.TargetError):
         pv.apply(model, [cfg, pv.config("lora", targets=["no_such_layer"])])
     assert cfg.data is data and cfg.selection is None
-    assert not hasattr(model, STATE_ATTR)
+    assert pv.applied(model) is None
 
 
 def test_config_serialises_without_runtime_fields():

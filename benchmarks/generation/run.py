@@ -159,13 +159,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pv.save_adapter(c.unet, run_dir, tags=["peftvision-benchmark", "text-to-image"],
                         metrics={fid_name: fid})
         adapter.update(path=str(run_dir), bytes=(run_dir / "adapter_model.safetensors").stat().st_size)
+    recorded = pv.applied(c.unet)
     env = results.environment(str(device))
     env["versions"].update({m: version(m) for m in ("diffusers", "transformers", "torchmetrics")})
     result = {
         "kind": results.KIND, "schema": results.SCHEMA, "task": "text-to-image",
         "config": {**{k: v for k, v in vars(args).items() if k != "func"}, "image_size": size},
         "method": {"label": "+".join(names), "names": names, "options": options,
-                   "configs": {m.name: m.to_dict() for m in configs}},
+                   # as apply recorded them (shpeft/spt: with the selection it chose)
+                   "configs": {m.name: m.config.to_dict() for m in recorded.methods} if recorded
+                   else {m.name: m.to_dict() for m in configs}},
         "dataset": {"spec": args.data, "name": dataset_name(args.data),
                     "split": gdata.split_summary(train_set, test_set, args.test_fraction, args.split_seed)},
         "model": {"name": args.model, "pretrained": args.model != "tiny", "image_size": size,

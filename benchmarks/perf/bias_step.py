@@ -10,9 +10,9 @@ Variants, each on a fresh copy of one seeded model, all timed in the same proces
               every layer computing input gradients only (the floor any PEFT method pays);
               a classifier head still trains
   bias        peftvision.apply(model, "bias"), with peftvision's conv-bias fast path
-              (surgery.decouple_conv_biases: a trainable bias is added outside the conv)
-  bias-naive  the same selection, fast path undone (surgery.restore_conv_classes), so convs
-              compute their bias inside the conv
+              (a trainable bias is added outside the conv)
+  bias-naive  the same selection with apply(..., fast_conv_bias=False), so convs compute
+              their bias inside the conv
   lora        peftvision.apply(model, "lora", r=8 on ResNet block convs / r=4 on UNet attention)
 
 A step is zero_grad + forward + loss + backward + AdamW step (lr 1e-4); the median of --steps
@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import peftvision as pv
-from peftvision.surgery import restore_conv_classes
 
 from .common import environment
 from .common import git_sha as _git_sha
@@ -237,11 +236,8 @@ def prepare(model: nn.Module, variant: str, case: Case) -> nn.Module:
         if head is not None:
             head.requires_grad_(True)  # classification: the head trains, as in every variant
         return model
-    if variant in BIAS_VARIANTS:
-        pv.apply(model, "bias")
-        if variant == "bias-naive":
-            restore_conv_classes(model)  # the fast path off: bias computed inside each conv
-        return model
+    if variant in BIAS_VARIANTS:  # bias-naive: the fast path off, bias computed inside each conv
+        return pv.apply(model, "bias", fast_conv_bias=variant != "bias-naive")
     if variant == "lora":
         return pv.apply(model, "lora", r=case.lora_r)
     raise ValueError(variant)

@@ -93,28 +93,30 @@ def batches(n: int, batch: int, size: int, seed: int) -> list[tuple[torch.Tensor
 
 # ---- child processes --------------------------------------------------------------------------
 
-def child_select(args: argparse.Namespace) -> dict[str, Any]:
-    from peftvision.methods import shpeft
+class TimedBatches:
+    """The batches, timing one full pass over them: apply's gradient pass alone (the batches
+    are in memory, so the pass is the forward and backward over them)."""
 
-    model = build(args.model, args.tiny)
-    data = batches(args.est_batches, args.batch, args.size, seed=SEED + 1)
-    grad_time: list[float] = []
-    accumulate = shpeft.accumulate_gradients
+    def __init__(self, batches: list) -> None:
+        self.batches, self.seconds = batches, []
 
-    def timed(*a, **kw):  # instrument the gradient pass alone
+    def __iter__(self):
         t0 = time.perf_counter()
-        out = accumulate(*a, **kw)
-        grad_time.append(time.perf_counter() - t0)
-        return out
+        yield from self.batches
+        self.seconds.append(time.perf_counter() - t0)
 
-    shpeft.accumulate_gradients = timed
+
+def child_select(args: argparse.Namespace) -> dict[str, Any]:
+    model = build(args.model, args.tiny)
+    data = TimedBatches(batches(args.est_batches, args.batch, args.size, seed=SEED + 1))
     rss = _settle_and_reset_peak()
     t0 = time.perf_counter()
     pv.apply(model, "shpeft", data=data, fraction=args.fraction)
     apply_s = time.perf_counter() - t0
     peak = _status_mb("VmHWM")
     images = args.est_batches * args.batch
-    k = sum(model._peftvision_state.methods[0].selection.values())
+    grad_time = data.seconds
+    k = sum(pv.applied(model).method("shpeft").config.selection.values())
     pv.save_adapter(model, args.adapter_dir, card=False)
     files = {p.name: p.stat().st_size for p in Path(args.adapter_dir).iterdir()}
     return {"fraction": args.fraction, "selected": k, "images": images,

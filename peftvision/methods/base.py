@@ -31,12 +31,25 @@ class Method:
     paper: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_frozen", True)  # before validate: validate only checks
         if hasattr(self, "targets"):
             check_target_spec(self.name, self.targets)
         self.validate()
 
+    # A config is a value: frozen once built (as a frozen dataclass, but subclasses declared with
+    # plain @dataclass stay valid). apply records what it decides on the model, never here.
+    def __setattr__(self, field: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise dataclasses.FrozenInstanceError(
+                f"{self.name} configs are immutable values; make a changed copy with "
+                f"dataclasses.replace(config, {field}=...)")
+        object.__setattr__(self, field, value)
+
+    def __delattr__(self, field: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"{self.name} configs are immutable values")
+
     def validate(self) -> None:
-        """Raise ConfigError for invalid values."""
+        """Raise ConfigError for invalid values (never change them: the config is frozen)."""
 
     # default targets per architecture; a missing architecture needs explicit targets
     presets: ClassVar[dict[str, TargetSpec]] = {}
@@ -58,6 +71,10 @@ class Method:
 
     def remove_from(self, model: nn.Module) -> None:
         """Undo changes other than wrappers and selections (inserted modules); called by unload."""
+
+    def details(self, model: nn.Module) -> dict[str, Any]:
+        """Method-specific facts about what apply did to `model`, for peftvision.applied."""
+        return {}
 
     # -- serialisation for adapter_config.json -------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -151,6 +168,7 @@ class ApplyContext:
         self.architecture = state.architecture
         self.journal = journal
         self.head_modules = head  # canonical names of the classifier head modules
+        self.recorded: dict[str, Method] = {}  # method name -> the config that rebuilds its decisions
 
     def require_architecture(self, method: Method, supported: Iterable[str] | None = None) -> None:
         supported = tuple(supported or method.architectures)
@@ -167,6 +185,7 @@ class ApplyContext:
         """Make these existing (canonical name, parameter) pairs trainable for `method`."""
         count = 0
         for canonical, param in params:
+            self.state.keep(canonical, param)  # before training changes it (unload restores it)
             param.requires_grad_(True)
             if canonical not in self.state.selected:  # selected by two methods: counted once
                 self.state.selected[canonical] = method.name
@@ -177,7 +196,16 @@ class ApplyContext:
              innermost: bool = False) -> AdapterLayer:
         layer = wrap_module(self.model, name, factory, self.journal, innermost)
         layer.method_name = method.name
+        wrapped = self.state.wrapped.setdefault(method.name, [])
+        if name not in wrapped:
+            wrapped.append(name)
         return layer
+
+    def record(self, method: Method, config: Method) -> None:
+        """Record what `method` decided that its config did not say (e.g. a data-chosen
+        selection) as `config`: the value saved in adapter_config.json, which rebuilds the same
+        layers. The user's config object is never changed."""
+        self.recorded[method.name] = config
 
 
 def parameters_under(prefix: str, module: nn.Module, recurse: bool = True):

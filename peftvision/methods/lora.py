@@ -12,10 +12,11 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..layers import AdditiveDeltaLayer
+from ..layers import AdditiveDeltaLayer, like_kwargs
 from ..registry import register_method
 from ..targets import (
     GENERIC,
@@ -49,20 +50,25 @@ class LoRALinear(LoRALayer):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base_layer, r, alpha, dropout)
         base_layer = self.weighted_layer
-        weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=weight.dtype, device=weight.device))
+        kw = like_kwargs(base_layer.weight)
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., out)
         if self.merged:
             return out
-        low = F.linear(self._drop(x), self.lora_A)  # (..., r)
-        return out + F.linear(low, self.lora_B) * self.scaling
+        low = F.linear(self._drop(x), self.lora_A.to(x.dtype))  # (..., r)
+        return out + F.linear(low, self.lora_B.to(x.dtype)) * self.scaling
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if weight.dtype != self.lora_A.dtype:  # e.g. an fp32 adapter on an fp16 base: round once
+            return super().add_delta_(weight, sign)
+        weight.addmm_(self.lora_B, self.lora_A, alpha=sign * self.scaling)  # no (out, in) temporary
 
 
 class LoRAFusedLinear(LoRALayer):
@@ -75,10 +81,10 @@ class LoRAFusedLinear(LoRALayer):
             raise ConfigError(f"fused qkv needs out_features divisible by 3, got {base_layer.out_features}")
         self.slots = [QKV.index(p) for p in parts]  # which thirds are adapted, in q, k, v order
         self.width = base_layer.out_features // len(QKV)
-        weight = base_layer.weight
+        kw = like_kwargs(base_layer.weight)
         n = len(self.slots)
-        self.lora_A = nn.Parameter(torch.empty(n, r, base_layer.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(n, self.width, r, dtype=weight.dtype, device=weight.device))
+        self.lora_A = nn.Parameter(torch.empty(n, r, base_layer.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(n, self.width, r, **kw))
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
@@ -86,10 +92,9 @@ class LoRAFusedLinear(LoRALayer):
         out = self.base_layer(x)  # (..., 3D)
         if self.merged:
             return out
-        n, r = self.lora_A.shape[:2]
-        low = F.linear(self._drop(x), self.lora_A.reshape(n * r, -1))  # (..., n*r)
-        low = low.unflatten(-1, (n, r))  # (..., n, r)
-        delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B) * self.scaling  # (..., n, D)
+        low = F.linear(self._drop(x), rearrange(self.lora_A, "n r i -> (n r) i").to(x.dtype))  # (..., n*r)
+        low = rearrange(low, "... (n r) -> ... n r", n=len(self.slots))  # (..., n, r)
+        delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B.to(low.dtype)) * self.scaling  # (..., n, D)
         return out + self._scatter(delta)
 
     def _scatter(self, delta: Tensor) -> Tensor:
@@ -108,7 +113,14 @@ class LoRAFusedLinear(LoRALayer):
         per_slot = torch.bmm(self.lora_B, self.lora_A) * self.scaling  # (n, D, in)
         delta = per_slot.new_zeros(len(QKV), self.width, per_slot.shape[-1])  # (3, D, in)
         delta[self.slots] = per_slot
-        return delta.reshape(-1, per_slot.shape[-1])  # (3D, in)
+        return rearrange(delta, "three d i -> (three d) i")  # (3D, in): q, k, v stacked
+
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if weight.dtype != self.lora_A.dtype or not weight.is_contiguous():
+            return super().add_delta_(weight, sign)
+        slots = weight.view(len(QKV), self.width, -1)  # (3, D, in): the q, k, v rows
+        for i, slot in enumerate(self.slots):
+            slots[slot].addmm_(self.lora_B[i], self.lora_A[i], alpha=sign * self.scaling)
 
 
 class LoRAConv(LoRALayer):
@@ -119,10 +131,10 @@ class LoRAConv(LoRALayer):
         super().__init__(base_layer, r, alpha, dropout)
         base_layer = self.weighted_layer
         weight = base_layer.weight  # (out, in/g, *k)
-        g = base_layer.groups
-        self.lora_A = nn.Parameter(torch.empty(g * r, *weight.shape[1:], dtype=weight.dtype, device=weight.device))
+        g, kw = base_layer.groups, like_kwargs(weight)
+        self.lora_A = nn.Parameter(torch.empty(g * r, *weight.shape[1:], **kw))
         ones = (1,) * (weight.dim() - 2)
-        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, *ones, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, *ones, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self._pointwise = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
 
@@ -131,15 +143,23 @@ class LoRAConv(LoRALayer):
         if self.merged:
             return out
         base = self.weighted_layer
-        low = base._conv_forward(self._drop(x), self.lora_A, None)  # (B, g*r, *spatial'): base geometry
-        return out + self._pointwise(low, self.lora_B, groups=base.groups) * self.scaling
+        low = base._conv_forward(self._drop(x), self.lora_A.to(x.dtype), None)  # (B, g*r, *spatial'): base geometry
+        return out + self._pointwise(low, self.lora_B.to(low.dtype), groups=base.groups) * self.scaling
 
     def delta_weight(self) -> Tensor:
         g = self.weighted_layer.groups
+        a = rearrange(self.lora_A, "(g r) i ... -> g r (i ...)", g=g)  # (g, r, in/g·k·k)
+        b = rearrange(self.lora_B, "(g o) r ... -> g o (r ...)", g=g)  # (g, out/g, r): 1x1 kernel
+        delta = torch.bmm(b, a) * self.scaling  # (g, out/g, in/g·k·k)
+        return delta.reshape(self.weighted_layer.weight.shape)  # (out, in/g, *k)
+
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if weight.dtype != self.lora_A.dtype or not weight.is_contiguous():
+            return super().add_delta_(weight, sign)
+        g = self.weighted_layer.groups
         a = self.lora_A.reshape(g, self.r, -1)  # (g, r, in/g * k)
         b = self.lora_B.reshape(g, -1, self.r)  # (g, out/g, r)
-        delta = torch.bmm(b, a) * self.scaling  # (g, out/g, in/g * k)
-        return delta.reshape(self.weighted_layer.weight.shape)
+        weight.view(g, b.shape[1], -1).baddbmm_(b, a, alpha=sign * self.scaling)  # in place
 
 
 @register_method
@@ -173,18 +193,24 @@ class LoRA(Method):
             if not parts or any(p not in QKV for p in parts) or len(set(parts)) != len(parts):
                 raise ConfigError(f"lora: qkv_parts must be a non-empty subset of 'qkv' such as 'qv', "
                                   f"got {self.qkv_parts!r}")
-            self.qkv_parts = "".join(sorted(parts, key=QKV.index))
+
+    def qkv_slices(self) -> str | None:
+        """qkv_parts in q, k, v order ("V,q" -> "qv"), None when not given."""
+        if self.qkv_parts is None:
+            return None
+        return "".join(sorted(self.qkv_parts.lower().replace(",", ""), key=QKV.index))
 
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         alpha = float(self.alpha if self.alpha is not None else self.r)
         allowed = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        parts = self.qkv_slices()
         for name, module in ctx.find(self, spec, allowed=allowed):
             if isinstance(module, nn.Linear):
-                fused = self.qkv_parts is not None and self.qkv_parts != QKV and name.endswith(QKV)
+                fused = parts is not None and parts != QKV and name.endswith(QKV)
                 factory = (
-                    (lambda m: LoRAFusedLinear(m, self.qkv_parts, self.r, alpha, self.dropout)) if fused
+                    (lambda m: LoRAFusedLinear(m, parts, self.r, alpha, self.dropout)) if fused
                     else (lambda m: LoRALinear(m, self.r, alpha, self.dropout))
                 )
             else:

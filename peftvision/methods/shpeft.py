@@ -10,7 +10,7 @@ Importance of a weight w over the batches b of `data` (E_b: the loss of batch b)
 The ratio puts the task-agnostic term on the scale of the task-specific one, so λ = 1 weighs them
 alike. The top `fraction` (or `count`) of all weights in scope — norms and biases included, one
 global ranking — are chosen, ties going to the earlier weight in model order; only those train,
-as sparse deltas (methods/sparse.py), and the head trains whole. The chosen indices are saved
+as sparse deltas (methods/sparse_layers.py), and the head trains whole. The chosen indices are saved
 in the adapter: load_adapter rebuilds the same model without data.
 """
 
@@ -24,15 +24,9 @@ import torch
 from ..errors import ConfigError
 from ..registry import register_method
 from .base import ApplyContext, number_in
-from .sparse import (
-    ScopeEntry,
-    SparseMethod,
-    accumulate_gradients,
-    check_gradient,
-    default_loss,
-    split_positions,
-    top_k,
-)
+from .sparse import SparseMethod
+from .sparse_importance import accumulate_gradients, check_gradient, default_loss
+from .sparse_selection import ScopeEntry, split_positions, top_k
 
 ESTIMATORS = ("l2", "l1")
 
@@ -72,18 +66,18 @@ class SHPEFT(SparseMethod):
         super().validate()
         if not isinstance(self.estimator, str) or self.estimator.lower() not in ESTIMATORS:
             raise ConfigError(f"shpeft: estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        self.estimator = self.estimator.lower()
         number_in(self.name, "lam", self.lam, 0, float("inf"), high_open=True)
 
     def choose(self, ctx: ApplyContext, entries: list[ScopeEntry]):
         params = [e.param for e in entries]
         k = self.budget(sum(p.numel() for p in params))
+        estimator = self.estimator.lower()
         task = accumulate_gradients(ctx.model, params, self.data, self.batches,
-                                    self.loss_fn or default_loss, square=self.estimator == "l2",
+                                    self.loss_fn or default_loss, square=estimator == "l2",
                                     method=self.name)
-        if self.estimator == "l1":
+        if estimator == "l1":
             task = [t.abs_() for t in task]
         check_gradient(self.name, task)
-        scores = importance(task, params, self.lam, self.estimator)  # (N,)
+        scores = importance(task, params, self.lam, estimator)  # (N,)
         del task
         return split_positions(top_k(scores, k), entries), []

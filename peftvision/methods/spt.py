@@ -30,46 +30,22 @@ from ..registry import register_method
 from ..surgery import get_module
 from .base import ApplyContext, number_in, positive_int
 from .lora import LoRAConv, LoRALinear
-from .sparse import (
-    ScopeEntry,
-    SparseMethod,
-    accumulate_gradients,
-    check_gradient,
-    default_loss,
-    split_positions,
-    top_k,
-)
+from .sparse import SparseMethod
+from .sparse_importance import accumulate_gradients, check_gradient, default_loss
+from .sparse_selection import ScopeEntry, split_positions, top_k
 
 LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class _ExactUnmerge:
-    """LoRA whose unmerge restores W bitwise (W + BA - BA is not W in floating point): merge keeps
-    the pre-merge weight, one copy per merged matrix, dropped again by unmerge."""
+class SPTLoRALinear(LoRALinear):
+    """LoRA whose unmerge restores W bitwise, like the sparse deltas beside it (W + BA − BA is not
+    W in floating point): merge keeps the pre-merge weight while merged (layers.py)."""
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        saved = self.weighted_layer.weight.detach().clone()
-        super().merge()
-        self.register_buffer("_saved_weight", saved, persistent=False)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.weighted_layer.weight.copy_(self._saved_weight)
-        self.register_buffer("_saved_weight", None, persistent=False)
-        self.merged = False
+    stash_on_merge = True
 
 
-class SPTLoRALinear(_ExactUnmerge, LoRALinear):
-    pass
-
-
-class SPTLoRAConv(_ExactUnmerge, LoRAConv):
-    pass
+class SPTLoRAConv(LoRAConv):
+    stash_on_merge = True
 
 
 def lora_cost(module: nn.Module, attr: str, r: int) -> int | None:
@@ -110,10 +86,9 @@ class SPT(SparseMethod):
     alpha: float = 10.0  # easiness for a matrix to get LoRA: σ(W) ≥ cost(W)/alpha
     beta: float = 5.0  # easiness for a vector to train whole: σ(v) ≥ len(v)/beta
     lora_alpha: float | None = None  # LoRA scaling lora_alpha/r; None: r (scaling 1)
-    lora_modules: list[str] | None = None  # filled by apply: modules that got LoRA
+    lora_modules: list[str] | None = None  # a recorded choice: modules that got LoRA
 
     name: ClassVar[str] = "spt"
-    recorded_fields: ClassVar[tuple[str, ...]] = ("lora_modules",)
     summary: ClassVar[str] = "sensitivity-chosen LoRA (dense matrices) + sparse deltas (the rest)"
     paper: ClassVar[str] = "He et al., ICCV 2023"
 
@@ -142,9 +117,8 @@ class SPT(SparseMethod):
         modules = {n: getattr(m, "weighted_layer", m) for n, m in modules.items()}
         return plan(entries, chosen, modules, self.r, self.alpha, self.beta)
 
-    def record(self, sparse, lora) -> None:
-        super().record(sparse, lora)
-        self.lora_modules = sorted(lora)
+    def recorded(self, sparse, lora) -> dict:
+        return {**super().recorded(sparse, lora), "lora_modules": sorted(lora)}
 
     def recorded_lora(self) -> list[str]:
         return list(self.lora_modules or [])

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from einops import repeat
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedArchitectureError
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, like_kwargs
 from ..registry import register_method
 from ..targets import VIT
 from .base import ApplyContext, Method, number_in, positive_int
@@ -43,12 +44,12 @@ class PromptTokens(PromptLayer):
     def __init__(self, base_layer, offset, tokens, width, init_bound, dropout, replace, like):
         super().__init__(base_layer, offset, tokens)
         self.replace = replace
-        self.prompts = nn.Parameter(torch.empty(1, tokens, width, dtype=like.dtype, device=like.device))
+        self.prompts = nn.Parameter(torch.empty(1, tokens, width, **like_kwargs(like)))
         nn.init.uniform_(self.prompts, -init_bound, init_bound)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def _with_prompts(self, x: Tensor) -> Tensor:  # x: (B, N, D)
-        prompts = self.dropout(self.prompts).expand(x.shape[0], -1, -1)  # (B, P, D)
+        prompts = repeat(self.dropout(self.prompts.to(x.dtype)), "1 p d -> b p d", b=x.shape[0])  # (B, P, D)
         rest = x[:, self.offset + self.tokens:] if self.replace else x[:, self.offset:]
         return torch.cat([x[:, :self.offset], prompts, rest], dim=1)  # (B, N (+P), D)
 
@@ -84,9 +85,8 @@ class VPT(Method):
     def validate(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in DEFAULT_TOKENS:
             raise ConfigError(f"vpt: mode must be 'shallow' or 'deep', got {self.mode!r}")
-        if self.tokens is None:
-            self.tokens = DEFAULT_TOKENS[self.mode]
-        positive_int(self.name, "tokens", self.tokens)
+        if self.tokens is not None:
+            positive_int(self.name, "tokens", self.tokens)
         number_in(self.name, "dropout", self.dropout, 0, 1, high_open=True)
 
     def apply_to(self, ctx: ApplyContext) -> None:
@@ -98,7 +98,8 @@ class VPT(Method):
         width = model.embed_dim
         patch = math.prod(model.patch_embed.patch_size)
         bound = math.sqrt(6.0 / (3 * patch + width))  # VPT: uniform(±sqrt(6 / (3·p² + D)))
-        offset, n, like = model.num_prefix_tokens, self.tokens, model.patch_embed.proj.weight
+        n = self.tokens if self.tokens is not None else DEFAULT_TOKENS[self.mode]
+        offset, like = model.num_prefix_tokens, model.patch_embed.proj.weight
 
         def prompts(replace: bool):
             return lambda m: PromptTokens(m, offset, n, width, bound, self.dropout, replace, like)

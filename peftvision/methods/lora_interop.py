@@ -17,17 +17,16 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from .errors import AdapterLoadError, ConfigError
-from .layers import Adapter
-from .state import iter_parameters, require_state
+from ..errors import AdapterLoadError, ConfigError
+from ..layers import Adapter
+from ..state import iter_parameters, require_state
+from .lora import LoRAConv, LoRALinear
 
 PEFT_PREFIX = "base_model.model."
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 
 
 def _lora_layers(model: nn.Module) -> dict[str, Adapter]:
-    from .methods.lora import LoRAConv, LoRALinear
-
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, Adapter) and not isinstance(module, (LoRALinear, LoRAConv)):
