@@ -9,7 +9,7 @@ DOCS_STAMP := $(VENV)/.peftvision-docs-installed
 # pytest-xdist workers; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: venv demo test lint build docs clean
+.PHONY: venv demo test lint build release docs clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,14 @@ lint: venv
 
 build: venv
 	$(BIN)/python -m build
+
+# A release in one step: the version lives only in peftvision/__init__.py (set it and add its
+# CHANGELOG.md section first); builds sdist + wheel and checks their metadata for PyPI.
+# Then: $(BIN)/twine upload dist/*
+release: venv
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist/
+	$(BIN)/twine check --strict dist/*
 
 $(DOCS_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/python -m pip install -e ".[docs]"

@@ -69,12 +69,13 @@ def _decode_error(path: Path) -> str | None:
 
 def check_readable(paths: list[Path]) -> None:
     """Decode every image now, so a broken or truncated file fails before training, not in epoch 7
-    or at the test. Threads, since PIL decodes without the GIL; a progress bar on a terminal."""
-    from tqdm import tqdm
+    or at the test. Threads, since PIL decodes without the GIL; a progress bar on a terminal
+    (peftvision.progress: PEFTVISION_PROGRESS=0/1 hides/forces it)."""
+    from peftvision.progress import progress
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        errors = list(tqdm(pool.map(_decode_error, paths), total=len(paths), desc="checking images",
-                           unit="img", leave=False, disable=None))  # None: quiet when not a TTY
+        errors = list(progress(pool.map(_decode_error, paths), "checking images", total=len(paths),
+                               unit="img"))
     bad = [e for e in errors if e is not None]
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""

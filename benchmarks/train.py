@@ -255,6 +255,7 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
             show = accelerator.is_main_process and not cfg.quiet
             bar = tqdm(train_loader, desc=f"{label} epoch {epoch}/{epochs}", leave=False,
                        disable=not (show and progress_enabled()))
+            n, full = len(train_loader), len(train_loader) // accumulate * accumulate
             # no bar (a log file, a pipe): a line every 30 s instead of silence
             beat = Heartbeat(active=show and bar.disable)
             if epoch == 1 and beat.active:

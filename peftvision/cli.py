@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -64,7 +65,12 @@ def cmd_report(args) -> None:
 
     model = create_model(args.model, num_classes=args.num_classes, meta=not args.materialize)
     # (num_classes=None keeps the model's own head, e.g. timm's 1000 ImageNet classes)
-    pv.apply(model, args.method, **_parse_options(args.options))
+    options = _parse_options(args.options)
+    if "data" in {f.name for f in dataclasses.fields(pv.get_method(args.method))} and "data" not in options:
+        raise SystemExit(f"peftvision: {args.method} chooses its weights from data, which the command "
+                         "line cannot pass; its trainable counts are in docs/methods.md, or run "
+                         f"pv.apply(model, {args.method!r}, data=loader) and pv.report(model) in Python")
+    pv.apply(model, args.method, **options)
     report = pv.report(model)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
 

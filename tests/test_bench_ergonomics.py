@@ -72,3 +72,18 @@ def test_pretrained_weights_offline_fail_at_once(monkeypatch, tmp_path):
     message = str(info.value)
     assert "offline: no connection to 127.0.0.1:9" in message
     assert "--weights FILE" in message and "--no-pretrained" in message
+
+
+@pytest.mark.parametrize("setting, shown", [("1", True), ("0", False)])
+def test_image_check_progress_follows_the_progress_setting(tmp_path, monkeypatch, capsys, setting, shown):
+    from PIL import Image
+
+    from benchmarks.images import check_readable
+
+    paths = []
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / f"{i}.png")
+        paths.append(tmp_path / f"{i}.png")
+    monkeypatch.setenv("PEFTVISION_PROGRESS", setting)
+    check_readable(paths)
+    assert ("checking images" in capsys.readouterr().err) == shown

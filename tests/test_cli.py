@@ -200,3 +200,11 @@ def test_verbose_logs_what_apply_did():
     proc = run_cli("-v", "report", "vit_tiny_patch16_224", "bias")
     assert proc.returncode == 0, proc.stderr
     assert "INFO peftvision: apply bias on VisionTransformer (vit)" in proc.stderr
+
+
+def test_report_of_a_data_driven_method_says_what_to_do():
+    with pytest.raises(SystemExit) as info:
+        main(["report", "vit_tiny_patch16_224", "shpeft"])
+    message = str(info.value)
+    assert message.startswith("peftvision: shpeft chooses its weights from data, which the command line")
+    assert "docs/methods.md" in message and "pv.apply(model, 'shpeft', data=loader)" in message

@@ -2,14 +2,14 @@
 
 from pathlib import Path
 
-from benchmarks import methods_page
+from tools import methods_page
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def test_methods_page_is_current():
     assert (DOCS / "methods.md").read_text() == methods_page.page(), \
-        "docs/methods.md is stale: run `python -m benchmarks.methods_page`"
+        "docs/methods.md is stale: run `python -m tools.methods_page`"
 
 
 def test_reproduce_choices_in_the_benchmark_guide_are_current():
