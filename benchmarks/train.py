@@ -258,10 +258,10 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
             n, full = len(train_loader), len(train_loader) // accumulate * accumulate
             # no bar (a log file, a pipe): a line every 30 s instead of silence
             beat = Heartbeat(active=show and bar.disable)
-            if epoch == 1 and beat.active:
-                say(f"[{label}] epoch 1/{epochs}: {steps_per_epoch} optimiser steps (the first "
-                    "epoch also decodes the images)")
             n, full = len(train_loader), len(train_loader) // accumulate * accumulate
+            if epoch == 1 and beat.active:
+                say(f"[{label}] epoch 1/{epochs}: {n} batches (the first epoch also decodes the "
+                    "images)")
             for i, (x, y) in enumerate(bar):
                 # accumulation: with equal micro-batches the summed gradients are the full batch's
                 group = accumulate if i < full else n - full  # the epoch's last, shorter group
