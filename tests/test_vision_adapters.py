@@ -253,3 +253,12 @@ def test_convpass_names_the_grid_when_the_token_count_differs():
     tokens = torch.randn(2, 10, D)  # 1 class token + 9 patches, not the 4x4 grid
     with pytest.raises(ValueError, match="4x4 patch grid"):
         model.blocks[0](tokens)
+
+
+@pytest.mark.parametrize("methods", [["adaptformer", "convpass"], ["convpass", "adaptformer"]])
+def test_convpass_and_adaptformer_refuse_to_share_a_block(methods):
+    # both re-run the timm Block's steps; nested, the outer one would skip the inner silently
+    model = pv.apply(make("vit"), methods[0])
+    with pytest.raises(pv.ConfigError, match="both re-run the block's steps"):
+        pv.apply(model, methods[1])
+    assert [m.name for m in pv.applied(model).methods] == [methods[0]]

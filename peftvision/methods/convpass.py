@@ -27,7 +27,7 @@ from ..layers import AdapterLayer, like_kwargs
 from ..registry import register_method
 from ..targets import VIT
 from .base import ApplyContext, Method, number_in, positive_int
-from .vision_blocks import transformer_blocks
+from .vision_blocks import refuse_second_block_runner, transformer_blocks
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -74,6 +74,7 @@ class ConvBypass(nn.Module):
 class ConvpassBlock(AdapterLayer):
     mergeable = False
     why_not_mergeable = "Convpass's bypass has non-linearities and a spatial conv"
+    runs_block = True  # forward re-runs the block's own steps (see vision_blocks)
 
     def __init__(self, base_layer: nn.Module, dim: int, scale: float, prefix: int,
                  grid: tuple[int, int], dropout: float) -> None:
@@ -121,5 +122,6 @@ class Convpass(Method):
         prefix = ctx.model.num_prefix_tokens
         grid = tuple(ctx.model.patch_embed.grid_size)
         for name, _block in blocks:
+            refuse_second_block_runner(ctx, self, name)
             ctx.wrap(self, name, lambda m: ConvpassBlock(m, self.dim, self.scale, prefix, grid,
                                                          self.dropout), innermost=True)

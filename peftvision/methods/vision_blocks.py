@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import ConfigError, UnsupportedArchitectureError
+from ..layers import AdapterLayer
+from ..surgery import get_module
 from ..targets import VIT, _loaded_class
 from .base import ApplyContext, Method
 
@@ -47,3 +49,15 @@ def transformer_blocks(ctx: ApplyContext, method: Method, families: Sequence[str
             f"{supported}")
     block_cls = _loaded_class(*FAMILIES[family][1])
     return family, ctx.find(method, FAMILIES[family][2], allowed=(block_cls,))
+
+
+def refuse_second_block_runner(ctx: ApplyContext, method: Method, name: str) -> None:
+    """A wrapper that re-runs a block's own steps (`runs_block`: AdaptFormer, Convpass) calls the
+    user's block directly, so a second such wrapper on the same block would be skipped silently."""
+    module = get_module(ctx.model, name)
+    while isinstance(module, AdapterLayer):
+        if getattr(module, "runs_block", False):
+            raise ConfigError(f"{method.name} cannot be combined with {module.method_name} on "
+                              f"{name}: both re-run the block's steps, so one would be skipped; "
+                              "apply only one of them")
+        module = module.base_layer
