@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from models import tiny_resnet, tiny_vit
 from torch import nn
 
 import peftvision as pv
 from peftvision.methods.fact import FacTFactors, FacTLinear
+from peftvision.methods.repadapter import RepAdapterLinear
 from peftvision.state import iter_parameters
 
 D, DEPTH, HIDDEN, CLASSES = 32, 2, 64, 5  # tiny_vit: embed 32, 2 blocks, mlp_ratio 2
@@ -262,3 +266,74 @@ def test_convpass_and_adaptformer_refuse_to_share_a_block(methods):
     with pytest.raises(pv.ConfigError, match="both re-run the block's steps"):
         pv.apply(model, methods[1])
     assert [m.name for m in pv.applied(model).methods] == [methods[0]]
+
+
+# ---- merge properties over shapes (standalone layers, against a float64 reference) -------------
+
+PROPS = settings(max_examples=20, deadline=None)
+
+
+@PROPS
+@given(width=st.sampled_from([4, 6, 8, 12]), out=st.integers(1, 9), hidden=st.sampled_from([2, 4, 6]),
+       groups=st.sampled_from([1, 2]), scale=st.floats(-3, 3), bias=st.booleans(), seed=st.integers(0, 99))
+@torch.no_grad()
+def test_repadapter_merge_matches_a_float64_reference(width, out, hidden, groups, scale, bias, seed):
+    torch.manual_seed(seed)
+    base = nn.Linear(width, out, bias=bias)
+    layer = RepAdapterLinear(base, hidden, groups, scale, dropout=0.0)
+    perturb(layer, seed)
+    x = torch.randn(3, 5, width)
+    # reference: x' = x + s·(B_dense·(A·x + a) + b_B), written with a dense block-diagonal B
+    dense_b = torch.zeros(width, hidden, dtype=torch.float64)
+    for g in range(groups):
+        rows, cols = slice(g * width // groups, (g + 1) * width // groups), \
+            slice(g * hidden // groups, (g + 1) * hidden // groups)
+        dense_b[rows, cols] = layer.B_weight.double()[rows]
+    a_w, a_b, b_b = layer.A.weight.double(), layer.A.bias.double(), layer.B_bias.double()
+    w0 = base.weight.detach().double()
+    b0 = base.bias.detach().double() if bias else torch.zeros(out, dtype=torch.float64)
+    x64 = x.double()
+    expected = F.linear(x64 + scale * (F.linear(F.linear(x64, a_w, a_b), dense_b) + b_b), w0, b0)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)
+    ref_w = w0 + scale * w0 @ dense_b @ a_w
+    atol = 1e-5 * float(expected.abs().max())
+    torch.testing.assert_close(unmerged.double(), expected, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(base.weight.double(), ref_w, rtol=1e-5,
+                               atol=1e-5 * float(ref_w.abs().max()))
+    layer.unmerge()
+    assert (base.bias is None) == (not bias)
+
+
+@PROPS
+@given(width=st.sampled_from([2, 4, 8]), slices=st.integers(1, 4), split_input=st.booleans(),
+       rank=st.integers(1, 5), fmt=st.sampled_from(["tt", "tk"]), scale=st.floats(-3, 3),
+       seed=st.integers(0, 99))
+@torch.no_grad()
+def test_fact_merge_matches_a_float64_reference(width, slices, split_input, rank, fmt, scale, seed):
+    torch.manual_seed(seed)
+    base = nn.Linear(width * slices if split_input else width, width if split_input else width * slices)
+    factors = FacTFactors(width, rank, fmt, base.weight)
+    layer = FacTLinear(base, factors, fmt, slices, split_input, scale, dropout=0.0, owner=True)
+    perturb(layer, seed)
+    u, v = factors.U.double(), factors.V.double()
+    cores = layer.cores.double() if fmt == "tt" else \
+        torch.stack([sum(factors.core.double()[:, :, k] * layer.mix.double()[j, k] for k in range(rank))
+                     for j in range(slices)])
+    blocks = [scale * v @ cores[j] @ u for j in range(slices)]  # each D x D
+    w0 = base.weight.detach().double()
+    ref_w = w0 + (torch.cat(blocks, dim=1) if split_input else torch.cat(blocks, dim=0))
+    x = torch.randn(3, base.in_features)
+    expected = F.linear(x.double(), ref_w, base.bias.detach().double())
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)
+    atol = 1e-5 * float(expected.abs().max())
+    torch.testing.assert_close(unmerged.double(), expected, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=atol)
+    torch.testing.assert_close(base.weight.double(), ref_w, rtol=1e-5,
+                               atol=1e-5 * float(ref_w.abs().max()))
