@@ -337,3 +337,29 @@ def test_fact_merge_matches_a_float64_reference(width, slices, split_input, rank
     torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=atol)
     torch.testing.assert_close(base.weight.double(), ref_w, rtol=1e-5,
                                atol=1e-5 * float(ref_w.abs().max()))
+
+
+@pytest.mark.parametrize("vit_options", [{}, {"reg_tokens": 2}, {"class_token": False, "global_pool": "avg"}])
+@torch.no_grad()
+def test_convpass_bypass_convolves_prefix_tokens_as_1x1_images_and_patches_on_the_grid(vit_options):
+    torch.manual_seed(0)
+    model = pv.apply(tiny_vit(**vit_options), "convpass", dropout=0.0).eval()
+    perturb(model)
+    bypass = model.blocks[0].attn_bypass
+    prefix, (rows, cols) = model.num_prefix_tokens, bypass.grid
+    h = torch.randn(2, prefix + rows * cols, D)
+
+    def act(t):
+        return t * torch.sigmoid(1.702 * t)  # QuickGELU
+
+    z = act(bypass.down(h))  # (B, N, d)
+    d = z.shape[-1]
+    # a prefix token is a 1x1 image run through the full padded 3x3 conv
+    z_prefix = nn.functional.conv2d(z[:, :prefix].reshape(-1, d, 1, 1), bypass.conv.weight,
+                                    bypass.conv.bias, padding=1).reshape(2, prefix, d)
+    grid = z[:, prefix:].reshape(2, rows, cols, d).permute(0, 3, 1, 2)  # (B, d, H, W)
+    z_patch = nn.functional.conv2d(grid, bypass.conv.weight, bypass.conv.bias, padding=1)
+    z_patch = z_patch.permute(0, 2, 3, 1).reshape(2, rows * cols, d)
+    expected = bypass.up(act(torch.cat([z_prefix, z_patch], dim=1)))
+    torch.testing.assert_close(bypass(h), expected, rtol=1e-5, atol=1e-6)
+    assert model(inputs()).shape == (2, CLASSES)
