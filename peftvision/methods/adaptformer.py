@@ -23,11 +23,13 @@ from ..layers import AdapterLayer, like_kwargs
 from ..registry import register_method
 from ..targets import VIT, _loaded_class
 from .base import ApplyContext, Method, number_in, positive_int
+from .vision_blocks import refuse_second_block_runner
 
 
 class AdaptFormerBlock(AdapterLayer):
     mergeable = False
     why_not_mergeable = "AdaptFormer's branch has a ReLU between its projections"
+    runs_block = True  # forward re-runs the block's own steps (see vision_blocks)
 
     def __init__(self, base_layer: nn.Module, bottleneck: int, scale: float, learnable_scale: bool,
                  dropout: float) -> None:
@@ -82,6 +84,7 @@ class AdaptFormer(Method):
         block_cls = _loaded_class("timm.models.vision_transformer", "Block")
         blocks = ctx.find(self, r"blocks\.\d+", allowed=(block_cls,) if block_cls else (nn.Module,))
         for name, _block in blocks:
+            refuse_second_block_runner(ctx, self, name)
             ctx.wrap(self, name, lambda m: AdaptFormerBlock(m, self.bottleneck, self.scale,
                                                             self.learnable_scale, self.dropout),
                      innermost=True)
