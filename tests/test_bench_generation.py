@@ -136,3 +136,21 @@ def test_tiny_end_to_end_writes_result_json(demo_dir, tmp_path):
     assert saved["adapter"]["bytes"] > 0 and saved["environment"]["git"]["sha"]
     assert (run_dir / "samples.png").is_file()
     pv.load_adapter(tiny_components(32).unet, run_dir)  # the adapter fits a fresh tiny base
+
+
+def test_fraction_subsets_training_and_keeps_the_fid_test_set(demo_dir, tmp_path):
+    from benchmarks.generation import data as gdata
+
+    records = gdata.load_records(f"imagefolder-with-captions:{demo_dir}")
+    train, test = gdata.stratified_split(records, 0.2, 0)
+    half = gdata.subset(train, 0.5, 0)
+    assert {r.label for r in half} == {r.label for r in train} and len(half) < len(train)
+    assert set(r.name for r in half) <= set(r.name for r in train)
+    result = main(["--model", "tiny", "--data", f"imagefolder-with-captions:{demo_dir}",
+                   "--method", "bias", "--steps", "1", "--image-size", "32", "--batch-size", "2",
+                   "--num-samples", "2", "--inference-steps", "1", "--fid-features", "offline",
+                   "--fraction", "0.5", "--out", str(tmp_path / "runs")])
+    split = result["dataset"]["split"]
+    assert split["n_train"] == len(half)
+    assert split["test_sha256"] == gdata.split_summary(train, test, 0.2, 0)["test_sha256"]
+    assert "__f0.5__" in result["adapter"]["run"]

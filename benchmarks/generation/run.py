@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="held-out real images for FID (stratified split, --split-seed)")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="share of the training split used (stratified, --seed); the test split stays")
     p.add_argument("--fid-features", choices=("auto", "inception", "offline"), default="auto",
                    help="auto: InceptionV3 if it loads, else the offline random-conv features")
     p.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
@@ -103,7 +105,7 @@ def run_dir_name(args: argparse.Namespace, names: list[str]) -> str:
     """generate__<dataset>__<model>__<method>__f1__s<seed>, beside the classification runs."""
     model = "tiny-sd" if args.model == "tiny" else (
         Path(args.model).name if Path(args.model).exists() else args.model)
-    return "generate__" + results.run_name(dataset_name(args.data), model, "+".join(names), 1.0, args.seed)
+    return "generate__" + results.run_name(dataset_name(args.data), model, "+".join(names), args.fraction, args.seed)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,6 +117,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     records = gdata.load_records(args.data)
     train_set, test_set = gdata.stratified_split(records, args.test_fraction, args.split_seed)
+    train_set = gdata.subset(train_set, args.fraction, args.seed)
     c = load_components(args.model, args.image_size or 32)
     vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
     size = args.image_size or c.unet.config.sample_size * vae_factor
