@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default="runs/generate", help="<out>/<run>/: result.json, adapter, samples.png")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", help="one run per seed (e.g. 0 1 2 3, Table 4's four); "
+                   "the same test images and prompts for each, so FIDs compare")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
@@ -72,7 +74,8 @@ def add_generation_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    run(args)
+    for seed in args.seeds or [args.seed]:
+        run(argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None}))
     return 0
 
 
