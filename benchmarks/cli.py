@@ -142,11 +142,19 @@ def cmd_run(args) -> int:
 
 
 def cmd_table(args) -> int:
+    from .reproduce.table4 import load_generation, write_table4
     from .table import write_tables
 
-    files = write_tables(args.dir, args.metric, args.out)
+    generation = write_table4(args.dir, args.out) if load_generation(args.dir) else []  # Table 4
+    try:
+        files = write_tables(args.dir, args.metric, args.out)
+    except FileNotFoundError:
+        if generation:  # text-to-image results only
+            print("\n".join(f"wrote {p}" for p in generation))
+            return 0
+        raise
     print(files["markdown"].read_text())
-    print("\n".join(f"wrote {p}" for p in files.values()))
+    print("\n".join(f"wrote {p}" for p in [*generation, *files.values()]))
     return 0
 
 

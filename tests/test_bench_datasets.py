@@ -38,3 +38,57 @@ def test_ham10000_missing_images_and_metadata_are_named(tmp_path):
         from benchmarks.datasets.ham10000 import to_csv
         to_csv(src, tmp_path / "labels.csv")
     assert main(["ham10000", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.csv")]) == 2
+
+
+def _dicom(path, pixels, photometric="MONOCHROME2"):
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+
+
+def test_rsna_pneumonia_dicoms_become_pngs_and_a_csv_dataset(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    pytest.importorskip("pydicom")
+    src = tmp_path / "download"
+    (src / "stage_2_train_images").mkdir(parents=True)
+    rows = ["patientId,x,y,width,height,Target"]
+    for i in range(8):
+        pixels = (np.arange(12 * 10).reshape(12, 10) * (i + 1) * 4) % 4096  # 12-bit CT-like range
+        _dicom(src / "stage_2_train_images" / f"p{i}.dcm", pixels, "MONOCHROME1" if i == 0 else "MONOCHROME2")
+        rows += [f"p{i},1,2,3,4,1", f"p{i},5,6,7,8,1"] if i % 2 else [f"p{i},,,,,0"]  # boxes per positive
+    (src / "stage_2_train_labels.csv").write_text("\n".join(rows) + "\n")
+    before = sorted(p.relative_to(src) for p in src.rglob("*"))
+    out = tmp_path / "data" / "rsna-pneumonia" / "labels.csv"
+    assert main(["rsna-pneumonia", str(src), "--out", str(out)]) == 0
+    assert sorted(p.relative_to(src) for p in src.rglob("*")) == before
+    data = load_dataset(f"csv:{out}", val_fraction=0.25, test_fraction=0.25)
+    assert data.classes == ["0", "1"] and sum(len(s) for s in data.splits.values()) == 8  # one per patient
+    png = np.asarray(Image.open(out.parent / "images" / "p1.png"))
+    assert png.shape == (12, 10) and png.min() == 0 and png.max() == 255  # own range -> 8 bits
+    inverted = np.asarray(Image.open(out.parent / "images" / "p0.png"))
+    assert inverted[0, 0] == 255  # MONOCHROME1: 0 is white
+
+
+def test_rsna_pneumonia_missing_dicom_is_named(tmp_path):
+    from benchmarks.datasets.rsna_pneumonia import to_csv
+
+    src = tmp_path / "download"
+    (src / "stage_2_train_images").mkdir(parents=True)
+    (src / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\npx,,,,,0\n")
+    with pytest.raises(DataError, match=r"1 DICOM file.*px\.dcm"):
+        to_csv(src, tmp_path / "out" / "labels.csv")

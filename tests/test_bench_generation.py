@@ -151,3 +151,34 @@ def test_tiny_end_to_end_writes_result_json(demo_dir, tmp_path):
     adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
     assert saved["method"]["configs"] == {m["name"]: m["config"] for m in adapter_config["methods"]}
     pv.load_adapter(tiny_components(32).unet, run_dir)  # the adapter fits a fresh tiny base
+
+
+def test_fraction_subsets_training_and_keeps_the_fid_test_set(demo_dir, tmp_path):
+    from benchmarks.generation import data as gdata
+
+    records = gdata.load_records(f"imagefolder-with-captions:{demo_dir}")
+    train, test = gdata.stratified_split(records, 0.2, 0)
+    half = gdata.subset(train, 0.5, 0)
+    assert {r.label for r in half} == {r.label for r in train} and len(half) < len(train)
+    assert set(r.name for r in half) <= set(r.name for r in train)
+    result = main(["--model", "tiny", "--data", f"imagefolder-with-captions:{demo_dir}",
+                   "--method", "bias", "--steps", "1", "--image-size", "32", "--batch-size", "2",
+                   "--num-samples", "2", "--inference-steps", "1", "--fid-features", "offline",
+                   "--fraction", "0.5", "--out", str(tmp_path / "runs")])
+    split = result["dataset"]["split"]
+    assert split["n_train"] == len(half)
+    assert split["test_sha256"] == gdata.split_summary(train, test, 0.2, 0)["test_sha256"]
+    assert "__f0.5__" in result["adapter"]["run"]
+
+
+def test_several_seeds_in_one_call(demo_dir, tmp_path):
+    from benchmarks.cli import main as bench_main
+
+    out = tmp_path / "runs"
+    assert bench_main(["generate", "--model", "tiny", "--data", f"imagefolder-with-captions:{demo_dir}",
+                       "--method", "bias", "--steps", "1", "--image-size", "32", "--batch-size", "2",
+                       "--num-samples", "2", "--inference-steps", "1", "--fid-features", "offline",
+                       "--seeds", "0", "1", "--out", str(out)]) == 0
+    saved = [json.loads(p.read_text()) for p in sorted(out.rglob("result.json"))]
+    assert [r["config"]["seed"] for r in saved] == [0, 1]
+    assert len({r["dataset"]["split"]["test_sha256"] for r in saved}) == 1  # one fixed FID test set

@@ -299,3 +299,26 @@ def test_timm_augment_option_uses_timm_transforms_and_the_default_stays_the_pape
     r = run_experiment(RunConfig(dataset=f"medmnist:{data}", model="tiny-vit", method="lora", pretrained=False,
                                  image_size=32, epochs=1, batch_size=8, augment="timm", quiet=True, device="cpu"))
     assert r["config"]["augment"] == "timm"
+
+
+def _fid_result(directory, method, fraction, seed, fid, n_train):
+    from benchmarks.results import KIND, write_result
+
+    write_result({"kind": KIND, "schema": 1, "task": "text-to-image",
+                  "config": {"fraction": fraction, "seed": seed}, "method": {"label": method},
+                  "model": {"name": "tiny"}, "dataset": {"name": "cxr", "split": {"n_train": n_train}},
+                  "metrics": {"fid_offline_features": fid}},
+                 directory / f"{method}_{fraction}_{seed}")
+
+
+def test_table_renders_table4_fid_per_volume_average_fid_and_rank(tmp_path, capsys):
+    for seed, noise in ((0, 0.0), (1, 2.0)):
+        for fraction, n in ((1.0, 100), (0.1, 10)):
+            _fid_result(tmp_path, "lora", fraction, seed, 10 + noise + (5 if fraction < 1 else 0), n)
+            _fid_result(tmp_path, "bias", fraction, seed, 12 + noise + (1 if fraction < 1 else 0), n)
+    assert main(["table", str(tmp_path)]) == 0  # text-to-image results only: Table 4 alone
+    text = (tmp_path / "table4.md").read_text()
+    assert "| 100 images (100%) | 10 images (10%) | average FID | average rank |" in text
+    # lora: 11 ± 1.41 at 100%, 16 at 10% -> average 13.5, ranks 1 and 2; bias: 13, 14 -> 13.5, 2 and 1
+    assert "| lora | 11.00 ± 1.41 | 16.00 ± 1.41 | 13.50 | 1.50 |" in text
+    assert "| bias | 13.00 ± 1.41 | 14.00 ± 1.41 | 13.50 | 1.50 |" in text

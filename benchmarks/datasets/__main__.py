@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import ham10000
+from . import ham10000, rsna_pneumonia
 
-CONVERTERS = {"ham10000": ham10000.to_csv}
+CONVERTERS = {"ham10000": ham10000.to_csv, "rsna-pneumonia": rsna_pneumonia.to_csv}
 
 
 def main(argv: list[str] | None = None) -> int:

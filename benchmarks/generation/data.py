@@ -122,6 +122,25 @@ def stratified_split(records: list[Record], test_fraction: float = 0.2,
     return train, test
 
 
+def subset(records: list[Record], fraction: float, seed: int = 0) -> list[Record]:
+    """A stratified `fraction` of the training records (round(n·f) per label, at least one), for
+    data-volume sweeps (Dutt et al. Table 4: 110K/55K/11K images); the test split stays fixed."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return list(records)
+    by_label: dict[str, list[Record]] = defaultdict(list)
+    for rec in records:
+        by_label[rec.label].append(rec)
+    rng = random.Random(seed)
+    out = []
+    for label in sorted(by_label):
+        group = sorted(by_label[label], key=lambda r: r.name)
+        rng.shuffle(group)
+        out += group[:max(1, round(fraction * len(group)))]
+    return out
+
+
 def split_summary(train: list[Record], test: list[Record], test_fraction: float, seed: int) -> dict:
     """What the result JSON records about the split (the test list's sha256 identifies it)."""
     keys = "\n".join(sorted(r.name for r in test)).encode()

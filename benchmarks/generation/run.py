@@ -50,12 +50,16 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="held-out real images for FID (stratified split, --split-seed)")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="share of the training split used (stratified, --seed); the test split stays")
     p.add_argument("--fid-features", choices=("auto", "inception", "offline"), default="auto",
                    help="auto: InceptionV3 if it loads, else the offline random-conv features")
     p.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default="runs/generate", help="<out>/<run>/: result.json, adapter, samples.png")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", help="one run per seed (e.g. 0 1 2 3, Table 4's four); "
+                   "the same test images and prompts for each, so FIDs compare")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
@@ -70,7 +74,8 @@ def add_generation_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    run(args)
+    for seed in args.seeds or [args.seed]:
+        run(argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None}))
     return 0
 
 
@@ -103,7 +108,7 @@ def run_dir_name(args: argparse.Namespace, names: list[str]) -> str:
     """generate__<dataset>__<model>__<method>__f1__s<seed>, beside the classification runs."""
     model = "tiny-sd" if args.model == "tiny" else (
         Path(args.model).name if Path(args.model).exists() else args.model)
-    return "generate__" + results.run_name(dataset_name(args.data), model, "+".join(names), 1.0, args.seed)
+    return "generate__" + results.run_name(dataset_name(args.data), model, "+".join(names), args.fraction, args.seed)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,6 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     records = gdata.load_records(args.data)
     train_set, test_set = gdata.stratified_split(records, args.test_fraction, args.split_seed)
+    train_set = gdata.subset(train_set, args.fraction, args.seed)
     c = load_components(args.model, args.image_size or 32)
     vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
     size = args.image_size or c.unet.config.sample_size * vae_factor

@@ -17,7 +17,8 @@ EXTRA_DATASETS = {
     "ham10000": ("csv:{root}/ham10000/labels.csv", "HAM10000: labels.csv written by `python -m "
                  "benchmarks.datasets ham10000 DOWNLOAD_DIR --out ROOT/ham10000/labels.csv`"),
     "rsna-pneumonia": ("csv:{root}/rsna-pneumonia/labels.csv",
-                       "RSNA Pneumonia: labels.csv with path,label rows (images converted from DICOM)"),
+                       "RSNA Pneumonia: labels.csv + images/ written by `python -m benchmarks.datasets "
+                       "rsna-pneumonia DOWNLOAD_DIR --out ROOT/rsna-pneumonia/labels.csv`"),
     "mimic-cxr": ("mimic-cxr:{root}/mimic-cxr", "MIMIC-CXR-JPG with reports (text-to-image)"),
 }
 

@@ -165,5 +165,7 @@ def table4() -> Grid:
     )
     return Grid("table4", f"{NAME}, Table 4 / Figure 2", "text-to-image on MIMIC-CXR: FID per data "
                 "volume, average FID and rank", tuple(runs), "table4", choices,
-                runnable="text-to-image runs need the MIMIC-CXR loader and `generate --fraction` "
-                          "(not built yet): this grid only prints")
+                runnable="the MIMIC-CXR loader (reports as prompts, patient-group split) is not "
+                          "built yet, so this grid only prints; with a captions folder, run a cell as "
+                          "`generate --data imagefolder-with-captions:DIR --fraction F --seeds 0 1 2 3` "
+                          "and render it with `table DIR`")

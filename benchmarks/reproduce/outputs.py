@@ -73,6 +73,10 @@ def figure3(rows: list[dict], out: Path) -> list[Path]:
 
 def write_outputs(kind: str, directory: str | Path) -> list[Path]:
     directory = Path(directory)
+    if kind == "table4":
+        from .table4 import write_table4
+
+        return write_table4(directory)
     rows = [row(r) for r in load_results(directory) if r["metrics"]["test"]["macro_f1"] is not None]
     if kind == "table3":
         path = directory / "table3_combined_rank.md"
