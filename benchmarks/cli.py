@@ -11,11 +11,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .data import spec_name
 from .generation.run import add_generation_parser
 from .hpo import add_hpo_parser
 from .presets import DATASETS, PRESETS, demo_runs, expand, missing_data, resolve_datasets
-from .results import RESULT_NAME, run_name
+from .reproduce.cli import add_reproduce_parser
+from .results import RESULT_NAME, BadResult, print_warning, read_result
 
 
 def _value(text: str):
@@ -56,7 +56,7 @@ def run_many(configs: list, *, resume: bool = False, say=print) -> tuple[list[di
     import peftvision as pv
 
     from .models import unsupported
-    from .train import run_experiment
+    from .train import run_dir_name, run_experiment
 
     results, notes, checked = [], [], {}
     for i, cfg in enumerate(configs, 1):
@@ -74,12 +74,14 @@ def run_many(configs: list, *, resume: bool = False, say=print) -> tuple[list[di
                 say(note)
             continue
         if resume and cfg.out:
-            path = Path(cfg.out) / (cfg.name or run_name(cfg.dataset_name or spec_name(cfg.dataset),
-                                                         cfg.model, label, cfg.data_fraction, cfg.seed))
-            if (path / RESULT_NAME).is_file():
-                say(f"[{i}/{len(configs)}] exists, skipped: {path}")
-                results.append(json.loads((path / RESULT_NAME).read_text()))
-                continue
+            path = Path(cfg.out) / run_dir_name(cfg) / RESULT_NAME
+            if path.is_file():
+                try:
+                    results.append(read_result(path))
+                    say(f"[{i}/{len(configs)}] exists, skipped: {path.parent}")
+                    continue
+                except BadResult as e:
+                    print_warning(f"{path} {e}: running it again")
         say(f"[{i}/{len(configs)}] {label} · {cfg.model} · {cfg.dataset} · "
             f"{cfg.data_fraction:.0%} data · seed {cfg.seed}")
         try:
@@ -132,7 +134,7 @@ def cmd_run(args) -> int:
         t = r["metrics"]["test"]
         print(f"{r['method']['label']:<24} {r['dataset']['name']:<12} seed {r['config']['seed']}: "
               f"F1 {t['macro_f1']:.4f}  acc {t['accuracy']:.4f}  AUROC {t['auroc']}  "
-              f"-> {r['adapter']['path'] or '(not saved: no --out)'}")
+              f"-> {r.get('adapter', {}).get('path') or '(not saved: no --out)'}")
     return 0 if results or not configs else 1
 
 
@@ -193,7 +195,8 @@ def _finish(out: str, notes: list[str]) -> int:
 
 def cmd_demo(args) -> int:
     from .models import method_names
-    from .results import load_results, row
+    from .results import load_results
+    from .results import rows as result_rows
     from .table import leaderboard
 
     start = time.perf_counter()
@@ -215,14 +218,16 @@ def cmd_demo(args) -> int:
 
     files = write_tables(args.out)
     plots = write_plots(args.out)
-    rows = [row(r) for r in load_results(args.out)]
+    quiet = lambda m: None  # noqa: E731  (table and plot have warned)
+    rows = result_rows(load_results(args.out, warn=quiet), warn=quiet)
     print("\n== demo results: test split, NOT pretrained (PEFT adapts a random backbone here, so the "
           "ranking says little about pretrained models) ==\n")
     print(leaderboard([r for r in rows if r["fraction"] == 1.0]))
     for n in notes:
         print(f"note: {n}")
     print(f"\nfinished {len(rows)} runs in {time.perf_counter() - start:.0f} s. Files:")
-    print(f"  runs (result.json + adapter each): {args.out}/<dataset>__<model>__<method>__f<fraction>__s<seed>/")
+    print(f"  runs (result.json + adapter each): "
+          f"{args.out}/<dataset>__<model>__<method>__f<fraction>__s<seed>__<config digest>/")
     for p in [*files.values(), *plots]:
         print(f"  {p}")
     return 0
@@ -283,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_hpo_parser(sub)  # `hpo`: Optuna learning-rate search over run_experiment
     add_generation_parser(sub)  # `generate`: text-to-image UNet fine-tuning with FID
+    add_reproduce_parser(sub)  # `reproduce NAME`: a paper's table or figure with its settings
     return parser
 
 

@@ -216,7 +216,7 @@ LABEL_COLUMNS = ("label", "class", "target", "diagnosis", "dx")
 
 
 def _csv(spec: str, file: Path, fractions: dict, seed: int) -> Data:
-    with open(file, newline="") as f:
+    with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: Excel writes a BOM
         rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     if not rows:
         raise DataError(f"{file} is empty")
@@ -269,14 +269,35 @@ def _medmnist(spec: str, arg: str, data_root: str | None) -> Data:
         if images.ndim == 4 and images.shape[-1] not in (1, 3, 4) or images.ndim not in (3, 4):
             raise DataError(f"{path}: {s}_images has shape {images.shape}; only 2D images "
                             "(N,H,W) or (N,H,W,C) are supported, not 3D volumes")
+        labels = _npz_labels(path, s, images, labels)
         if images.dtype != np.uint8:
             images = to_uint8(images)
-        labels = labels.reshape(-1).astype(np.int64)
         all_labels.append(labels)
         splits[s] = Split(ArrayStore(images), np.arange(len(labels)), labels)
     k = int(max(lab.max(initial=0) for lab in all_labels)) + 1
     return Data(spec_name(spec), spec, _medmnist_classes(path.stem, k), splits, official_split=True,
                 split_seed=None)
+
+
+def _npz_labels(path: Path, split: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """{split}_labels as (N,) int64 class ids, or a DataError naming the array and the fix: an
+    empty split, a count that differs from the images', float or negative labels would otherwise
+    crash mid-run or, worse, train and write an empty result (n=0) that enters the tables."""
+    where = f"{path}: {split}_labels"
+    if len(images) == 0:
+        raise DataError(f"{path}: {split}_images is empty (shape {images.shape}); every split needs "
+                        "images: re-export the file with train, val and test images")
+    if labels.ndim not in (1, 2) or len(labels) != len(images):
+        raise DataError(f"{where} has shape {labels.shape} but {split}_images has {len(images)} images; "
+                        f"save one label per image ({len(images)},) or ({len(images)}, 1)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where} has dtype {labels.dtype}; labels must be integer class ids 0..K-1 "
+                        "(save them with labels.astype(np.int64))")
+    labels = labels.reshape(-1).astype(np.int64)
+    if labels.min() < 0:
+        raise DataError(f"{where} has negative labels ({int(labels.min())}, e.g. -1 for 'unknown'); "
+                        "class ids must be 0..K-1: drop those images or give them a class")
+    return labels
 
 
 def _medmnist_classes(stem: str, k: int) -> list[str]:

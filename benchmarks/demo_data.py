@@ -63,3 +63,20 @@ def make_demo(per_class: int | None = None, size: int = SIZE, seed: int = SEED):
         images[i] = (np.clip(grey[..., None] * tint, 0, 1) * 255).round().astype(np.uint8)
     order = rng.permutation(len(labels))  # interleave the classes
     return images[order], labels[order].astype(np.int64), list(CLASSES)
+
+
+def write_medmnist(path, sizes: tuple[int, int, int] = (64, 16, 32), size: int = SIZE):
+    """The generated textures as a MedMNIST-format .npz (train/val/test_images, *_labels (N, 1)):
+    `sizes` images per split, classes balanced. For smoke runs of `medmnist:FILE.npz` datasets."""
+    from pathlib import Path
+
+    total = sum(sizes)
+    images, labels, _ = make_demo(-(-total // len(CLASSES)), size)
+    arrays, start = {}, 0
+    for split, n in zip(("train", "val", "test"), sizes):
+        arrays[f"{split}_images"] = images[start:start + n]
+        arrays[f"{split}_labels"] = labels[start:start + n, None]  # (N, 1) as MedMNIST stores them
+        start += n
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return Path(path)

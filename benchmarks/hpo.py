@@ -18,15 +18,18 @@ PostgreSQL URL, the same command on many machines joins one study (same name, sa
 load_if_exists) and each process adds its trials: Optuna's own distributed mode. See docs/hpo.md.
 
 Writes OUT/hpo_summary.json (best parameters, every trial, per-seed retrain metrics) and, through
-run_experiment, one result folder per retrain seed: OUT/seed0, OUT/seed1, ...
+run_experiment, one result folder per retrain seed: OUT/seed0, OUT/seed1, ... (OUT/seed0-2, ...
+when another worker or an earlier retrain has taken it)
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
+import os
 import re
 import socket
 import statistics
@@ -36,6 +39,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from peftvision.progress import enabled as progress_enabled
 
 if TYPE_CHECKING:  # optuna and benchmarks.train are imported only when a search runs
     import optuna
@@ -232,7 +237,8 @@ def run_hpo(
         n = max(0, min(n, total_trials - len(study.get_trials(deepcopy=False, states=finished))))
         callbacks.append(optuna.study.MaxTrialsCallback(total_trials, states=finished))
     if n:
-        study.optimize(objective, n_trials=n, callbacks=callbacks, gc_after_trial=True)
+        study.optimize(objective, n_trials=n, callbacks=callbacks, gc_after_trial=True,
+                       show_progress_bar=progress_enabled())  # a bar over trials on a terminal
 
     summary = summarize(study, storage=storage, base=base, search=search, seed=seed,
                         pruner={"min_resource": min_resource, "reduction_factor": reduction_factor})
@@ -241,7 +247,9 @@ def run_hpo(
     if base.out:
         path = Path(base.out) / SUMMARY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        tmp = path.with_name(f".{SUMMARY_FILE}.{socket.gethostname()}.{os.getpid()}")  # one per worker
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        os.replace(tmp, path)  # atomic: a worker finishing at the same time never leaves half a file
         summary["path"] = str(path)
     return summary
 
@@ -256,7 +264,7 @@ def retrain_best(study: optuna.Study, base: RunConfig, seeds: Sequence[int],
     params = study.best_trial.params
     runs = []
     for seed in seeds:
-        out = str(Path(base.out) / f"seed{seed}") if base.out else None
+        out = str(claim_dir(Path(base.out) / f"seed{seed}")) if base.out else None
         result = objective_fn(dataclasses.replace(base, seed=seed, out=out, **params))
         m = result["metrics"]
         runs.append({"seed": seed, "val_macro_f1": macro_f1(m, "val"),
@@ -266,6 +274,21 @@ def retrain_best(study: optuna.Study, base: RunConfig, seeds: Sequence[int],
     std = statistics.stdev(test) if len(test) > 1 else 0.0  # sample std (n - 1) over seeds
     return {"params": params, "seeds": list(seeds), "runs": runs, "test_macro_f1_mean": mean,
             "test_macro_f1_std": std, "test_macro_f1": f"{mean:.4f} ± {std:.4f}"}
+
+
+def claim_dir(path: Path) -> Path:
+    """Create and return `path`, or `path`-2, -3, ... when taken: workers retraining into one --out
+    (or a study retrained again) never share a folder, so no run overwrites another. mkdir is
+    atomic, also between machines on a shared file system."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for i in itertools.count(1):
+        candidate = path if i == 1 else path.with_name(f"{path.name}-{i}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
 
 
 def summarize(study: optuna.Study, *, storage: str, base: RunConfig, search: dict,

@@ -15,7 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from .metrics import mean_std
-from .results import load_results, row
+from .results import load_results
+from .results import rows as result_rows
 
 
 def _pyplot():
@@ -121,7 +122,7 @@ def write_plots(directory: str | Path, out: str | Path | None = None) -> list[Pa
     results = load_results(directory)
     if not results:
         raise FileNotFoundError(f"no run results (result.json) under {directory}")
-    rows = [row(r) for r in results if r["metrics"]["test"]["macro_f1"] is not None]
+    rows = [r for r in result_rows(results) if r["f1"] is not None]
     out = Path(out or directory)
     out.mkdir(parents=True, exist_ok=True)
     return figure_data_volume(rows, out) + figure_parameters(rows, out)

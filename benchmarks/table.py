@@ -19,7 +19,8 @@ from pathlib import Path
 from statistics import median
 
 from .metrics import mean_std
-from .results import load_results, row
+from .results import load_results
+from .results import rows as result_rows
 
 METRICS = {"f1": "test macro-F1", "accuracy": "test accuracy", "auroc": "test AUROC"}
 FIRST = ("full", "linear")  # the papers' reference columns come first
@@ -199,7 +200,7 @@ def write_tables(directory: str | Path, metric: str = "f1", out: str | Path | No
     results = load_results(directory)
     if not results:
         raise FileNotFoundError(f"no run results (result.json) under {directory}")
-    tables = build_tables([row(r) for r in results], metric)
+    tables = build_tables(result_rows(results), metric)
     out = Path(out or directory)
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / "tables.md", "csv": out / "tables.csv", "summary": out / "summary.csv"}

@@ -26,11 +26,18 @@ import torch.nn.functional as F
 
 import peftvision as pv
 
-from .data import load_dataset, stratified_subset
-from .images import ImageDataset
+from .data import load_dataset, spec_name, stratified_subset
+from .images import DataError, ImageDataset
 from .metrics import classification_metrics
 from .models import build_model, data_config, load_weights, method_configs, method_names, needs_data
-from .results import environment, peak_memory, reset_peak_memory, run_name, write_result
+from .results import (
+    config_digest,
+    environment,
+    peak_memory,
+    reset_peak_memory,
+    run_name,
+    write_result,
+)
 
 
 @dataclass
@@ -42,7 +49,7 @@ class RunConfig:
     epochs: int = 10
     lr: float = 1e-3
     weight_decay: float = 0.05
-    batch_size: int = 32
+    batch_size: int = 32    # images per optimiser step (split into accumulation_steps micro-batches)
     image_size: int = 224
     seed: int = 0
     data_fraction: float = 1.0
@@ -63,6 +70,7 @@ class RunConfig:
     name: str | None = None  # run directory name under `out` (default from dataset/model/...)
     mixed_precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, none on CPU) | "no" | "fp16" | "bf16"
     quiet: bool = False
+    accumulation_steps: int = 1  # gradient accumulation: batch_size // this images per forward
 
     def __post_init__(self) -> None:
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -97,10 +105,15 @@ def make_accelerator(cfg: RunConfig):
     return Accelerator(cpu=not cuda, mixed_precision=precision)
 
 
-def _loader(dataset, cfg: RunConfig, shuffle: bool, seed: int):
+def _loader(dataset, cfg: RunConfig, shuffle: bool, seed: int, train: bool = False):
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=shuffle,
-                                       num_workers=cfg.num_workers, generator=g,
+    # A last training batch of one sample fails in BatchNorm wherever the map is 1x1 (ResNet at
+    # 28 px: "Expected more than 1 value per channel"): drop that one sample (a different one each
+    # epoch, as batches are shuffled). Other last batches, and evaluation, keep every sample.
+    micro_batch = cfg.batch_size // cfg.accumulation_steps
+    drop_last = train and len(dataset) > 1 and len(dataset) % micro_batch == 1
+    return torch.utils.data.DataLoader(dataset, batch_size=micro_batch, shuffle=shuffle,
+                                       drop_last=drop_last, num_workers=cfg.num_workers, generator=g,
                                        persistent_workers=cfg.num_workers > 0,  # keeps their caches
                                        pin_memory=torch.cuda.is_available())
 
@@ -165,6 +178,10 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
                         test_fraction=cfg.test_fraction, data_root=cfg.data_root)
     if cfg.dataset_name:
         data.name = cfg.dataset_name
+    empty = [s for s, split in data.splits.items() if len(split) == 0]
+    if empty:  # else the run trains and writes an n=0 result that would enter the tables
+        raise DataError(f"{cfg.dataset}: the {'/'.join(empty)} split has no images; give each split "
+                        "images (or a larger val/test fraction)")
     train_split = data.splits["train"]
     train_split = train_split.subset(stratified_subset(train_split.labels, cfg.data_fraction, cfg.seed))
     model = build_model(cfg.model, data.num_classes, cfg.image_size,
@@ -173,7 +190,7 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
     norm = data_config(model)
     make = lambda split, train: ImageDataset(split, cfg.image_size, norm["mean"], norm["std"], train)  # noqa: E731
     train_set = make(train_split, True)
-    train_loader = _loader(train_set, cfg, True, cfg.seed)
+    train_loader = _loader(train_set, cfg, True, cfg.seed, train=True)
     val_loader = _loader(make(data.splits["val"], False), cfg, False, cfg.seed)
     test_loader = _loader(make(data.splits["test"], False), cfg, False, cfg.seed)
 
@@ -190,7 +207,8 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
-    steps_per_epoch = max(1, len(train_loader))
+    accumulate = cfg.accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / accumulate))  # optimiser steps
     total = cfg.epochs * steps_per_epoch
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 2)  # a short run still decays
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup))
@@ -205,12 +223,16 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
             losses = []
             bar = tqdm(train_loader, desc=f"{label} epoch {epoch}/{cfg.epochs}", leave=False,
                        disable=None if accelerator.is_main_process and not cfg.quiet else True)
-            for x, y in bar:
+            n, full = len(train_loader), len(train_loader) // accumulate * accumulate
+            for i, (x, y) in enumerate(bar):
+                # accumulation: with equal micro-batches the summed gradients are the full batch's
+                group = accumulate if i < full else n - full  # the epoch's last, shorter group
                 loss = F.cross_entropy(model(x), y)
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(loss / group)
+                if (i + 1) % accumulate == 0 or i + 1 == n:
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             val = evaluate(model, val_loader, accelerator, data.num_classes)
@@ -237,7 +259,7 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
         test = evaluate(model, test_loader, accelerator, data.num_classes)
         memory = peak_memory(device)
         result = {
-            "kind": "peftvision-benchmark-run", "schema": 1,
+            "kind": "peftvision-benchmark-run", "schema": 1, "config_digest": run_digest(cfg),
             "config": {**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "method": names,
                        "method_options": _json_options(cfg.method_options)},
             "method": {"label": label, "names": names, "options": _json_options(cfg.method_options)},
@@ -277,10 +299,35 @@ def _json_options(options: dict) -> dict:
             for k, v in options.items()}
 
 
+# Where a run is written and how it is shown, not what it computes: left out of the digest.
+NOT_IN_DIGEST = ("out", "name", "quiet", "device", "num_workers", "data_root", "label", "dataset_name")
+
+
+def run_digest(cfg: RunConfig) -> str:
+    """config_digest of what decides a run's numbers: every RunConfig field but NOT_IN_DIGEST,
+    methods by canonical name, data and weights by file name (the same run on another machine,
+    with its files elsewhere, is the same run)."""
+    kind, _, arg = cfg.dataset.partition(":")
+    config = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IN_DIGEST}
+    config.update(dataset=f"{kind}:{Path(arg.rstrip('/')).name}" if arg else kind,
+                  method=method_names(cfg.method), method_options=_json_options(cfg.method_options),
+                  weights=Path(cfg.weights).name if cfg.weights else None)
+    return config_digest(config)
+
+
+def run_dir_name(cfg: RunConfig) -> str:
+    """cfg.name, else dataset__model__method__f<fraction>__s<seed>__<run_digest>."""
+    if cfg.name:
+        return cfg.name
+    label = cfg.label or "+".join(method_names(cfg.method))
+    return run_name(cfg.dataset_name or spec_name(cfg.dataset), cfg.model, label, cfg.data_fraction,
+                    cfg.seed, run_digest(cfg))
+
+
 def _save_adapter(model, cfg: RunConfig, result: dict, accelerator, dataset: str, label: str) -> dict:
     """pv.save_adapter into <out>/<run>/ (a temporary directory when cfg.out is None, just to
     measure it); returns the run name, the path and the size of adapter_model.safetensors."""
-    run = cfg.name or run_name(dataset, cfg.model, label, cfg.data_fraction, cfg.seed)
+    run = run_dir_name(cfg)
     if not accelerator.is_main_process:
         return {"run": run, "path": None, "bytes": None}
     metrics = {f"test_{k}": result["metrics"]["test"][k] for k in ("macro_f1", "accuracy")}

@@ -10,6 +10,7 @@ from .errors import (
                      CorruptAdapterError,
                      MergeError,
                      NotAppliedError,
+                     OfflineError,
                      PeftVisionError,
                      TargetError,
                      UnknownMethodError,
@@ -27,4 +28,5 @@ __all__ = [
     "applied", "AppliedRecord", "MethodRecord", "create_model", "load_local_weights",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
     "UnsupportedArchitectureError", "MergeError", "NotAppliedError", "AdapterLoadError", "CorruptAdapterError",
+    "OfflineError",
 ]

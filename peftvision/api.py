@@ -7,16 +7,19 @@ import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from .errors import ConfigError, MergeError
 from .identity import base_identity
-from .layers import AdapterLayer
+from .layers import AdapterLayer, adapter_dtype_scope
+from .log import log_apply
 from .methods.base import ApplyContext, Method, make_config
 from .registry import get_method
-from .state import STATE_ATTR, PeftState, get_state, iter_parameters, require_state
+from .state import STATE_ATTR, PeftState, get_state, iter_buffers, iter_parameters, require_state
 from .surgery import Journal, decouple_conv_biases, get_module, restore_conv_classes, unwrap_all
 from .targets import detect_architecture, head_modules
+from .wrappers import unwrap
 
 ModelT = TypeVar("ModelT", bound=nn.Module)
 MethodSpec = str | Method
@@ -24,6 +27,9 @@ MethodSpec = str | Method
 
 def resolve_methods(method: MethodSpec | Sequence[MethodSpec], cfg: dict[str, Any]) -> list[Method]:
     """Names, config objects or a list of them -> validated config objects."""
+    if not isinstance(method, (str, Method, list, tuple)):
+        raise ConfigError(f"method must be a name such as 'lora', a config object, or a list of them, "
+                          f"got {method!r}; see peftvision.methods() for the names")
     specs = [method] if isinstance(method, (str, Method)) else list(method)
     if not specs:
         raise ConfigError("apply needs at least one method, e.g. apply(model, 'lora', r=8)")
@@ -68,28 +74,61 @@ def config(name: str, **cfg: Any) -> Method:
     return make_config(get_method(name), **cfg)
 
 
+def check_adapter_dtype(value: Any) -> torch.dtype | str | None:
+    if value is None or value == "base" or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    raise ConfigError(f"adapter_dtype must be None (fp32 beside a half-precision base), 'base' or a "
+                      f"floating torch dtype such as torch.float32, got {value!r}")
+
+
 def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
-          train_head: bool | None = None, fast_conv_bias: bool | None = None, **cfg: Any) -> ModelT:
+          train_head: bool | None = None, keep_original: bool | None = None,
+          adapter_dtype: torch.dtype | str | None = None, fast_conv_bias: bool | None = None,
+          **cfg: Any) -> ModelT:
     """Apply one or more PEFT methods to `model` in place and return it.
 
     The base model is frozen, the classifier head stays trainable unless `train_head=False`,
-    and what was applied is recorded on the model (peftvision.applied). `fast_conv_bias`
-    (default True) lets a conv whose bias trains while its weight is frozen add the bias outside
-    the conv, so backward computes no weight gradient; it does so by giving the conv a subclass
-    of its class (isinstance holds, pickles name the original class); False leaves every module's
-    class as it is. Both are decided by the first apply; later calls keep them. On any error the
-    model is left as it was.
+    and what was applied is recorded on the model (peftvision.applied). On any error the model
+    is left as it was. `train_head`, `keep_original` and `fast_conv_bias` are decided by the
+    first apply; later calls keep them.
+
+    keep_original (default True): keep a copy of every user tensor training can change (selected
+    parameters, the head, buffers such as BatchNorm statistics) so that unload(merge=False)
+    restores the model bitwise; False saves that memory (for "full", a whole copy of the model)
+    and unload(merge=False) then leaves those tensors as trained.
+    adapter_dtype: the dtype of new adapter parameters. None (default): float32 beside a float16 /
+    bfloat16 base (what torch.amp.GradScaler needs), else the base's dtype; "base": the base
+    layer's dtype; or a floating torch dtype.
+    fast_conv_bias (default True): a conv whose bias trains while its weight is frozen adds the
+    bias outside the conv, so backward computes no weight gradient; it does so by giving the conv
+    a subclass of its class (isinstance holds, pickles name the original class); False leaves
+    every module's class as it is.
     """
+    if train_head is not None and not isinstance(train_head, bool):
+        raise ConfigError(f"train_head must be True, False or None (keep the first apply's choice), "
+                          f"got {train_head!r}")
+    wrapper, model = model, unwrap(model)
     methods = resolve_methods(method, cfg)
+    adapter_dtype = check_adapter_dtype(adapter_dtype)
     previous = get_state(model)
     if train_head is None:
         train_head = previous.train_head if previous is not None else True
+    if keep_original is None:
+        keep_original = previous.keep_original if previous is not None else True
+    if not isinstance(train_head, bool) or not isinstance(keep_original, bool):
+        raise ConfigError(f"train_head and keep_original must be True or False, got "
+                          f"{train_head!r} and {keep_original!r}")
     if fast_conv_bias is None:
         fast_conv_bias = previous.fast_conv_bias if previous is not None else True
+    if not isinstance(fast_conv_bias, bool):
+        raise ConfigError(f"fast_conv_bias must be True or False, got {fast_conv_bias!r}")
     if previous is not None:
         if train_head != previous.train_head:
             raise ConfigError(f"train_head={train_head} differs from the first apply "
                               f"(train_head={previous.train_head}); unload and apply again to change it")
+        if keep_original != previous.keep_original:
+            raise ConfigError(f"keep_original={keep_original} differs from the first apply "
+                              f"(keep_original={previous.keep_original}); unload and apply again to change it")
         if fast_conv_bias != previous.fast_conv_bias:
             raise ConfigError(f"fast_conv_bias={fast_conv_bias} differs from the first apply "
                               f"(fast_conv_bias={previous.fast_conv_bias}); unload and apply again "
@@ -107,8 +146,14 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
         base_identity=base_identity(model),
         original_requires_grad={e.canonical: e.param.requires_grad for e in iter_parameters(model)},
         train_head=train_head,
+        keep_original=keep_original,
+        base_keys=list(model.state_dict()),
         fast_conv_bias=fast_conv_bias,
     )
+    if previous is None:  # buffers change in train mode whatever the method (BatchNorm statistics)
+        for entry in iter_buffers(model):
+            if entry.adapter is None:
+                state.keep(entry.canonical, getattr(entry.module, entry.attr))
     grad_before = {e.param: e.param.requires_grad for e in iter_parameters(model)}
     journal = Journal()
     try:
@@ -116,15 +161,17 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
             model.requires_grad_(False)
         heads = {name for name, _ in head_modules(model)}
         ctx = ApplyContext(model, state, journal, heads)
-        for m in methods:
-            m.apply_to(ctx)
-            state.methods.append(ctx.recorded.get(m.name, m))
+        with adapter_dtype_scope(adapter_dtype):
+            for m in methods:
+                m.apply_to(ctx)
+                state.methods.append(ctx.recorded.get(m.name, m))
         if train_head:
             for name in heads:
                 for entry in iter_parameters(get_module(model, name)):
                     if entry.adapter is None:
-                        entry.param.requires_grad_(True)
                         canonical = f"{name}.{entry.canonical}"
+                        state.keep(canonical, entry.param)
+                        entry.param.requires_grad_(True)
                         if canonical not in state.head:
                             state.head.append(canonical)
         if fast_conv_bias:
@@ -135,7 +182,8 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
             param.requires_grad_(flag)
         raise
     object.__setattr__(model, STATE_ATTR, state)
-    return model
+    log_apply(model, methods, state)
+    return wrapper
 
 
 def _adapter_layers(model: nn.Module) -> list[AdapterLayer]:
@@ -144,14 +192,15 @@ def _adapter_layers(model: nn.Module) -> list[AdapterLayer]:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer's weights (selective methods need nothing)."""
+    wrapper, model = model, unwrap(model)
     require_state(model, "merge")
     layers = _adapter_layers(model)
     _check_mergeable(layers, "merge")
     if layers and all(m.merged for m in layers):
         warnings.warn("peftvision.merge: the adapters are already merged; nothing to do", stacklevel=2)
-        return model
+        return wrapper
     _merge_layers(layers)
-    return model
+    return wrapper
 
 
 def _check_mergeable(layers: list[AdapterLayer], action: str) -> None:
@@ -178,18 +227,26 @@ def _merge_layers(layers: list[AdapterLayer]) -> None:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`: restore the base weights and run the adapters separately again."""
+    wrapper, model = model, unwrap(model)
     require_state(model, "unmerge")
     for layer in _adapter_layers(model):  # outermost first: the exact inverse of merge's order
         layer.unmerge()
-    return model
+    return wrapper
 
 
 def unload(model: ModelT, merge: bool = False) -> ModelT:
     """Remove every peftvision change and return the plain model.
 
-    merge=True folds mergeable adapters into the weights first (for deployment); merge=False
-    drops them and restores the original weights and requires_grad flags.
+    merge=True folds mergeable adapters into the weights first (for deployment) and keeps the
+    trained selected parameters, head and statistics; its state dict loads strictly into a fresh
+    base model, except for `bias` entries that merging a shift (SSF) adds to bias-free layers:
+    a warning names them (load those with strict=False, or keep the merged model as saved).
+    merge=False drops the adapters and restores the original model: weights, selected parameters,
+    head, buffers and requires_grad flags, bitwise (unless apply(keep_original=False)); after
+    merge/unmerge cycles, layers whose unmerge runs the inverse (LoRA, TSA's α, SSF and DiffFit
+    with no tiny scale) are restored within rounding, the others bitwise (layers.py).
     """
+    wrapper, model = model, unwrap(model)
     state = require_state(model, "unload")
     if merge:
         layers = _adapter_layers(model)
@@ -203,5 +260,26 @@ def unload(model: ModelT, merge: bool = False) -> ModelT:
     restore_conv_classes(model)
     for entry in iter_parameters(model):
         entry.param.requires_grad_(state.original_requires_grad.get(entry.canonical, True))
+    if not merge:
+        _restore_originals(model, state)
     object.__delattr__(model, STATE_ATTR)
-    return model
+    if merge:
+        added = sorted(set(model.state_dict()) - set(state.base_keys))
+        if added:
+            warnings.warn(f"peftvision.unload(merge=True) added {len(added)} key(s) that the base "
+                          f"model does not have: {', '.join(added)} (a shift merged into a "
+                          "bias-free layer); load this state dict into a fresh base model with "
+                          "strict=False, or keep the merged model as saved", stacklevel=2)
+    return wrapper
+
+
+@torch.no_grad()
+def _restore_originals(model: nn.Module, state: PeftState) -> None:
+    """Write back the copies apply kept (model already unwrapped: names are canonical)."""
+    if not state.originals:
+        return
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for name, original in state.originals.items():
+        if name in tensors:
+            tensors[name].copy_(original)

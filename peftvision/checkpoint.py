@@ -2,23 +2,27 @@
 
 Only what was trained is saved: adapter weights, selected base parameters, the head, and the
 BatchNorm running statistics (training in train mode changes them, and a reloaded model must give
-the same outputs). Writes are atomic per file; the config holds the weights' sha256, so a
-weights/config pair from two different saves is detected on load. No pickle anywhere.
+the same outputs). A folder is replaced as one unit (peftvision.folder); the config also holds the
+weights' sha256, so a weights/config pair from two different saves is detected on load. Untrusted
+files are checked (JSON shape, tensor shapes and dtypes) before anything is allocated. No pickle.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from .errors import AdapterLoadError, CorruptAdapterError, MergeError, PeftVisionError
+from .folder import reading, replace_files
 from .state import iter_buffers, iter_parameters, require_state
+from .wrappers import unwrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -28,6 +32,7 @@ FORMAT_VERSION = 1
 
 def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
     """The live tensors an adapter checkpoint holds, by their current state-dict name."""
+    model = unwrap(model)
     state = require_state(model, "save_adapter")
     keep = set(state.selected) | set(state.head)
     tensors: dict[str, Tensor] = {}
@@ -38,23 +43,6 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
         if entry.adapter is not None or isinstance(entry.module, nn.modules.batchnorm._BatchNorm):
             tensors[entry.name] = getattr(entry.module, entry.attr)
     return tensors
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it: never a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def adapter_config(model: nn.Module) -> dict:
@@ -71,6 +59,9 @@ def adapter_config(model: nn.Module) -> dict:
     }
 
 
+SAVE_FORMATS = ("peftvision", "peft")
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool = True,
                  tags: list[str] | None = None, metrics: dict[str, float] | None = None,
                  format: str = "peftvision") -> Path:
@@ -78,18 +69,34 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
 
     Writes adapter_model.safetensors, adapter_config.json and (card=True) a README.md model
     card with `tags` and `metrics`. format="peft" writes a LoRA adapter in Hugging Face peft's
-    layout instead (plus diffusers' pytorch_lora_weights.safetensors for a UNet)."""
+    layout instead (plus diffusers' pytorch_lora_weights.safetensors for a UNet).
+
+    The folder is replaced as one unit (see `peftvision.folder`): a crash or a concurrent save
+    leaves either the complete old adapter or the complete new one, and files of an older save
+    that the new one does not write (a card, diffusers' file) are removed with it."""
+    from .card import check_card_arguments
     from .layers import AdapterLayer
 
+    model = unwrap(model)
+    # every argument is checked before anything is computed or written
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+    if not isinstance(card, bool):
+        raise ValueError(f"card must be True or False, got {card!r}")
+    check_card_arguments(tags, metrics)
+    require_state(model, "save_adapter")
     if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
         # merging rewrote base weights that the adapter may also hold (biases, norms): refuse
         raise MergeError("save_adapter: the adapters are merged into the weights; call "
                          "peftvision.unmerge(model) first (or unload(model, merge=True) and save "
                          "the plain model's state dict)")
-    if format == "peft":
-        return _save_peft(model, Path(directory))
-    if format != "peftvision":
-        raise ValueError(f"format must be 'peftvision' or 'peft', got {format!r}")
+    out = Path(directory)
+    files = _peft_files(model) if format == "peft" else _peftvision_files(model, card, tags, metrics)
+    replace_files(out, files, remove=_stale_files(out, files))
+    return out
+
+
+def _peftvision_files(model: nn.Module, card: bool, tags, metrics) -> dict[str, bytes]:
     from safetensors.torch import save as safetensors_bytes
 
     from .card import model_card
@@ -105,29 +112,40 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
         seen_storage.add(key)
     weights = safetensors_bytes(tensors, metadata={"format": "pt", "library": "peftvision"})
     config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, weights)
-    _atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    files = {WEIGHTS_NAME: weights, CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode()}
     if card:
-        _atomic_write(out / CARD_NAME, model_card(config, report(model), tags, metrics).encode())
-    return out
+        files[CARD_NAME] = model_card(config, report(model), tags, metrics).encode()
+    return files
 
 
-def _save_peft(model: nn.Module, out: Path) -> Path:
+def _peft_files(model: nn.Module) -> dict[str, bytes]:
     from safetensors.torch import save as safetensors_bytes
 
     from .methods.lora_interop import DIFFUSERS_FILE, diffusers_metadata, peft_files
 
     config, tensors, diffusers = peft_files(model)
-    out.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_write(out / WEIGHTS_NAME, safetensors_bytes(cpu, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+    files = {WEIGHTS_NAME: safetensors_bytes(cpu, metadata={"format": "pt"}),
+             CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode()}
     if diffusers is not None:
         cpu = {k: v.detach().cpu().contiguous() for k, v in diffusers.items()}
-        _atomic_write(out / DIFFUSERS_FILE, safetensors_bytes(cpu, metadata=diffusers_metadata(config)))
-    return out
+        files[DIFFUSERS_FILE] = safetensors_bytes(cpu, metadata=diffusers_metadata(config))
+    return files
+
+
+def _stale_files(folder: Path, files: dict[str, bytes]) -> list[str]:
+    """Files an older save left that would contradict the new adapter: our own model card (a
+    README.md the user wrote is kept) and diffusers' LoRA file."""
+    from .card import CARD_MARKER
+    from .methods.lora_interop import DIFFUSERS_FILE
+
+    stale = [DIFFUSERS_FILE] if DIFFUSERS_FILE not in files else []
+    card = folder / CARD_NAME
+    if CARD_NAME not in files and card.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if CARD_MARKER in card.read_text()[:2000]:
+                stale.append(CARD_NAME)
+    return stale
 
 
 def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]:
@@ -137,24 +155,28 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
     from . import __version__
 
     folder = Path(directory)
-    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise AdapterLoadError(f"no {path.name} in {folder}; point load_adapter at a folder "
-                                   "written by peftvision.save_adapter")
-    try:
-        config = json.loads(config_path.read_text())
-        if "peft_type" not in config:  # peft's LoRA layout is read through interop below
-            _ = config["methods"], config["base_model"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise CorruptAdapterError(f"{config_path} is corrupt or not a peftvision config ({exc}); "
-                                  "re-save the adapter") from exc
-    if config.get("format_version", 0) > FORMAT_VERSION:
+    with reading(folder):
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise AdapterLoadError(f"no {path.name} in {folder}; point load_adapter at a folder "
+                                       "written by peftvision.save_adapter")
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptAdapterError(f"{config_path} is corrupt or not a peftvision config ({exc}); "
+                                      "re-save the adapter") from exc
+        data = weights_path.read_bytes()
+    if not isinstance(config, dict):
+        raise CorruptAdapterError(f"{config_path} holds a JSON {type(config).__name__}, not a "
+                                  "peftvision config object; re-save the adapter")
+    if "peft_type" not in config:  # peft's LoRA layout is checked by interop below
+        check_config_shape(config, config_path)
+    if isinstance(config.get("format_version"), int) and config["format_version"] > FORMAT_VERSION:
         raise AdapterLoadError(
             f"{config_path} was written by peftvision {config.get('peftvision_version')} in adapter "
             f"format {config['format_version']}; this peftvision ({__version__}) reads formats up to "
             f"{FORMAT_VERSION}. Upgrade: pip install -U peftvision")
-    data = weights_path.read_bytes()
     expected = config.get("weights_sha256")
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise CorruptAdapterError(
@@ -172,6 +194,92 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
     return config, tensors
 
 
+def check_config_shape(config: dict, path: Path) -> None:
+    """CorruptAdapterError unless `config` has the fields and JSON types save_adapter writes."""
+    def bad(what: str) -> CorruptAdapterError:
+        return CorruptAdapterError(f"{path} is not a valid peftvision config: {what}; re-save the "
+                                   "adapter with peftvision.save_adapter")
+
+    methods = config.get("methods")
+    if not isinstance(methods, list) or not methods:
+        raise bad(f'"methods" must be a non-empty list, got {methods!r}')
+    for m in methods:
+        if not (isinstance(m, dict) and isinstance(m.get("name"), str)
+                and isinstance(m.get("config"), dict)):
+            raise bad(f'each entry of "methods" must be {{"name": str, "config": {{...}}}}, got {m!r}')
+    base = config.get("base_model")
+    if not isinstance(base, dict) or not isinstance(base.get("fingerprint", ""), (str, type(None))):
+        raise bad(f'"base_model" must be an object with the base model\'s identity, got {base!r}')
+    if not isinstance(config.get("train_head", True), bool):
+        raise bad(f'"train_head" must be true or false, got {config.get("train_head")!r}')
+    if "format_version" in config and (not isinstance(config["format_version"], int)
+                                       or isinstance(config["format_version"], bool)):
+        raise bad(f'"format_version" must be an integer, got {config["format_version"]!r}')
+    if not isinstance(config.get("weights_sha256", ""), (str, type(None))):
+        raise bad('"weights_sha256" must be a string')
+
+
+def _resolve_source(source: str | os.PathLike, revision: str | None, token: str | None) -> Path:
+    """A local adapter folder, or the Hub repo `source` downloaded to the cache."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        return folder
+    text = os.fspath(source)
+    first = Path(text).parts[0] if Path(text).parts else ""
+    looks_local = (isinstance(source, os.PathLike) or text.startswith((".", "/", "~"))
+                   or os.sep != "/" and os.sep in text or text.count("/") != 1
+                   or (first and Path(first).is_dir()))
+    if looks_local:
+        raise AdapterLoadError(f"adapter folder {text!r} does not exist (and it is not a Hub repo "
+                               "id of the form 'user/name'); check the path")
+    from .hub import download_adapter
+
+    return download_adapter(text, revision=revision, token=token)
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of `model` whose tensors live on the meta device (no memory)."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def _check_against_file(model, methods, train_head: bool, tensors: dict[str, Tensor],
+                        from_peft: bool) -> list[str]:
+    """Problems between the tensors an apply would create and the file's, found on a meta copy
+    before anything is allocated (a config claiming r=10**6 must not allocate 150 GB first).
+    Returns [] when they fit, or when the meta dry run is not possible for this model."""
+    from .api import apply
+
+    try:
+        skeleton = apply(_meta_copy(model), methods, train_head=train_head)
+    except PeftVisionError:
+        raise
+    except Exception:  # some layer cannot be built on the meta device: check after the real apply
+        return []
+    return _mismatches(adapter_tensors(skeleton), tensors, from_peft)
+
+
+def _mismatches(live: dict[str, Tensor], tensors: dict[str, Tensor], from_peft: bool) -> list[str]:
+    if from_peft:  # peft carries no BatchNorm statistics: keep the base model's
+        live = {k: v for k, v in live.items() if k in tensors or isinstance(v, nn.Parameter)}
+    missing = sorted(set(live) - set(tensors))
+    unexpected = sorted(set(tensors) - set(live))
+    common = sorted(set(live) & set(tensors))
+    mismatched = [f"{k}: saved {tuple(tensors[k].shape)}, model {tuple(live[k].shape)}"
+                  for k in common if tensors[k].shape != live[k].shape]
+    wrong_type = [f"{k}: saved {tensors[k].dtype}, model {live[k].dtype}" for k in common
+                  if tensors[k].is_floating_point() != live[k].is_floating_point()
+                  or (tensors[k].dtype == torch.bool) != (live[k].dtype == torch.bool)]
+    return [f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+            for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("shape mismatches", mismatched), ("dtype mismatches", wrong_type))
+            if items]
+
+
 def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str | None = None,
                  token: str | None = None) -> nn.Module:
     """Re-apply the recorded methods to a fresh base `model` and load the adapter strictly.
@@ -183,11 +291,8 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     from .methods.base import Method
     from .registry import get_method
 
-    folder = Path(source)
-    if not folder.is_dir():
-        from .hub import download_adapter
-
-        folder = download_adapter(str(source), revision=revision, token=token)
+    wrapper, model = model, unwrap(model)
+    folder = _resolve_source(source, revision, token)
     config, tensors = read_adapter(folder)
     if getattr(model, "_peftvision_state", None) is not None:
         raise AdapterLoadError("load_adapter needs a fresh base model, but this one already has "
@@ -198,32 +303,58 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     base_note = (f" The adapter was saved for {saved_base.get('name') or saved_base.get('class')} "
                  f"({saved_base.get('class')}); this model is {this_base['name'] or this_base['class']} "
                  f"({this_base['class']}) with different layers." if other_base else "")
+    _warn_other_weights(saved_base, this_base)
     try:
         methods: list[Method] = [get_method(m["name"]).from_dict(m["config"]) for m in config["methods"]]
-    except PeftVisionError as exc:
+    except (PeftVisionError, TypeError) as exc:
         raise AdapterLoadError(f"{folder / CONFIG_NAME} was written by peftvision "
                                f"{config.get('peftvision_version')} and cannot be used here: {exc}. "
                                "If it names a method this version lacks: pip install -U peftvision") from exc
+    train_head = config.get("train_head", True)
+    from_peft = bool(config.get("from_peft"))
     try:
-        apply(model, methods, train_head=config.get("train_head", True))
-    except Exception as exc:
+        problems = _check_against_file(model, methods, train_head, tensors, from_peft)
+    except PeftVisionError as exc:
         raise AdapterLoadError(f"cannot re-apply {[m.name for m in methods]} to this model: {exc}."
                                f"{base_note}") from exc
-    live = adapter_tensors(model)
-    if config.get("from_peft"):  # peft carries no BatchNorm statistics: keep the base model's
-        live = {k: v for k, v in live.items() if k in tensors or isinstance(v, nn.Parameter)}
-    missing = sorted(set(live) - set(tensors))
-    unexpected = sorted(set(tensors) - set(live))
-    mismatched = sorted(f"{k}: saved {tuple(tensors[k].shape)}, model {tuple(live[k].shape)}"
-                        for k in set(live) & set(tensors) if tensors[k].shape != live[k].shape)
-    if missing or unexpected or mismatched:
-        unload(model)
-        problems = [f"{label} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
-                    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                         ("shape mismatches", mismatched)) if items]
+    if not problems:
+        try:
+            apply(model, methods, train_head=train_head)
+        except Exception as exc:
+            raise AdapterLoadError(f"cannot re-apply {[m.name for m in methods]} to this model: {exc}."
+                                   f"{base_note}") from exc
+        live = adapter_tensors(model)
+        problems = _mismatches(live, tensors, from_peft)
+        if problems:
+            unload(model)
+    if problems:
         raise AdapterLoadError(f"adapter in {folder} does not fit this model: {'; '.join(problems)}."
                                f"{base_note or ' Load it onto the base model it was trained from.'}")
-    with torch.no_grad():
-        for name, target in live.items():
-            target.copy_(tensors[name])
-    return model
+    if from_peft:
+        live = {k: v for k, v in live.items() if k in tensors}
+    try:
+        with torch.no_grad():
+            for name, target in live.items():
+                target.copy_(tensors[name])
+        for module in model.modules():  # e.g. sparse index buffers: range, order, uniqueness
+            check = getattr(module, "check_loaded", None)
+            if callable(check):
+                check()
+    except BaseException:
+        unload(model)
+        raise
+    return wrapper
+
+
+def _warn_other_weights(saved: dict, this: dict) -> None:
+    """Warn when the adapter was trained on other pretrained weights of the same architecture."""
+    import warnings
+
+    saved_tag, this_tag = saved.get("pretrained_tag"), this.get("pretrained_tag")
+    saved_id, this_id = saved.get("hub_id"), this.get("hub_id")
+    if (saved_tag and this_tag and saved_tag != this_tag) or (saved_id and this_id and saved_id != this_id):
+        warnings.warn(f"this adapter was trained on {saved_id or saved_tag}, but the base model is "
+                      f"{this_id or this_tag}: outputs will differ from the trained model's. Build "
+                      f"the base with the recorded weights (e.g. timm.create_model("
+                      f"'{saved.get('name')}.{saved_tag}', pretrained=True))",
+                      stacklevel=3)

@@ -8,9 +8,13 @@ pull = `snapshot_download` of the adapter files (cache, token and HF_HUB_OFFLINE
 
 from __future__ import annotations
 
+import contextlib
+import socket
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
-from .errors import AdapterLoadError
+from .errors import AdapterLoadError, OfflineError
 
 ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
 
@@ -21,6 +25,10 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None
     """Upload a saved adapter folder to `repo_id` in one commit; returns the commit URL."""
     from huggingface_hub import HfApi
 
+    reason = offline_reason()
+    if reason:  # fail at once rather than after a minute of retries
+        raise OfflineError(f"cannot push to {repo_id!r}: the Hub is unreachable ({reason}). Pushing "
+                           "needs network access; the adapter folder is unchanged, push it later")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None:
@@ -45,8 +53,9 @@ def download_adapter(repo_id: str, revision: str | None = None, token: str | Non
 
     at = f" at revision {revision!r}" if revision else ""
     try:
-        folder = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                        allow_patterns=ADAPTER_FILES, library_name="peftvision"))
+        with offline_if_unreachable():
+            folder = Path(snapshot_download(repo_id, revision=revision, token=token,
+                                            allow_patterns=ADAPTER_FILES, library_name="peftvision"))
     except RepositoryNotFoundError as exc:
         raise AdapterLoadError(f"Hub repo {repo_id!r} not found (or private: log in with "
                                "`hf auth login` or pass token=...)") from exc
@@ -63,3 +72,35 @@ def download_adapter(repo_id: str, revision: str | None = None, token: str | Non
         raise AdapterLoadError(f"Hub repo {repo_id!r}{at} holds no peftvision adapter "
                                f"(missing {', '.join(missing)})")
     return folder
+
+
+def offline_reason(timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached ("HF_HUB_OFFLINE is set", "no route to huggingface.co:443:
+    ..."), or None when it answers a TCP connection within `timeout` seconds. One attempt, no
+    retries: huggingface_hub retries a failed request for about a minute before giving up."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"no connection to {host}:{port}: {exc}"
+    return None
+
+
+@contextlib.contextmanager
+def offline_if_unreachable() -> Iterator[str | None]:
+    """Within the block, huggingface_hub works in offline mode (local cache only, no retries)
+    when the Hub is unreachable. Yields offline_reason()."""
+    from huggingface_hub import constants
+
+    reason = offline_reason()
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or reason is not None  # read by each download call
+    try:
+        yield reason
+    finally:
+        constants.HF_HUB_OFFLINE = previous

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 from torch import nn
 
@@ -19,6 +20,22 @@ def model_name(model: nn.Module) -> str | None:
     return name or None
 
 
+def hub_origin(model: nn.Module) -> tuple[str | None, str | None]:
+    """(Hub repo id, pretrained tag) of the weights the model was built for, when known.
+
+    timm records both in `pretrained_cfg` (e.g. "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k",
+    "augreg2_in21k_ft_in1k"); a diffusers model loaded from the Hub records its repo id."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(pretrained_cfg, dict) and pretrained_cfg.get("hf_hub_id"):
+        return pretrained_cfg["hf_hub_id"], pretrained_cfg.get("tag") or None
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) if config is not None else None
+    if isinstance(name, str) and name.count("/") == 1 and not os.path.exists(name) \
+            and not name.startswith((".", "/", "~")):
+        return name, None
+    return None, None
+
+
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the user's parameter names and shapes (adapters excluded): equal for two
     instances of the same architecture, different when any layer differs."""
@@ -28,8 +45,11 @@ def fingerprint(model: nn.Module) -> str:
 
 def base_identity(model: nn.Module) -> dict:
     cls = type(model)
+    hub_id, tag = hub_origin(model)
     return {
         "class": f"{cls.__module__}.{cls.__qualname__}",
         "name": model_name(model),
+        "hub_id": hub_id,
+        "pretrained_tag": tag,
         "fingerprint": fingerprint(model),
     }

@@ -1,14 +1,30 @@
 """Adapter modules. Adapter parameters are found by structure: they live in `Adapter` modules.
 
 `AdapterLayer` wraps one base layer (Linear, Conv, Norm...). A mergeable subclass describes its
-effect on the base weight and bias through `merged_weight_and_bias` / `unmerged_weight_and_bias`;
-merge and unmerge are shared code built on those two functions.
+effect on the base weight and bias through two in-place functions, `merge_into` and its inverse
+`unmerge_from`; merge and unmerge are shared code built on them.
+
+What unmerge restores (the one exact-unmerge mechanism, used by every method):
+- a layer whose inverse is exact up to rounding (W + ΔW − ΔW, or (γ·W)/γ with γ not tiny) runs
+  the inverse in place: the weight comes back within one rounding of the merged values
+  (|error| ≤ eps·|merged value| + the dtype's smallest normal number);
+- a layer whose inverse does not exist or is not exact in the layer's dtype (SSF / DiffFit with a
+  zero or tiny scale γ, TSA's alignment β, which needs a matrix inverse) or that promises a
+  bitwise unmerge (SV-Diff, SPT's LoRA) keeps a copy of the layer's weight and bias while merged
+  (`needs_stash`), and unmerge writes that copy back bit for bit.
 """
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import MergeError
 
@@ -19,11 +35,47 @@ class Adapter(nn.Module):
     method_name: str = ""
 
 
+# Forwards that use `weight` and `bias` exactly as stored, so a merged weight computes the merged
+# function. timm's norm/linear subclasses are added when timm is loaded (see `_plain_forwards`).
+_TORCH_PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm,
+                nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.modules.instancenorm._InstanceNorm)
+_TIMM_PLAIN = {"timm.layers.norm": ("LayerNorm", "LayerNorm2d", "GroupNorm", "GroupNorm1"),
+               "timm.layers.linear": ("Linear",)}
+
+
+def _plain_forwards() -> set:
+    forwards = {t.forward for t in _TORCH_PLAIN}
+    for module_name, names in _TIMM_PLAIN.items():
+        module = sys.modules.get(module_name)  # never import timm: its layers cannot exist otherwise
+        forwards |= {getattr(module, n).forward for n in names if hasattr(module, n)}
+    return forwards
+
+
+def weight_transform(layer: nn.Module) -> str:
+    """'' when `layer` computes with its stored weight as it is, else how it transforms it.
+
+    Merging writes W' into `layer.weight`; a layer that standardises (timm's StdConv2d,
+    ScaledStdConv2d), re-parametrises (torch.nn.utils.parametrize, weight_norm) or otherwise
+    rewrites its weight in its own forward would then compute f(W') instead of the merged output."""
+    name = type(layer).__name__
+    if parametrize.is_parametrized(layer):
+        return f"{name}'s weight is parametrized (torch.nn.utils.parametrize, e.g. weight_norm)"
+    if any(isinstance(h, (WeightNorm, SpectralNorm)) for h in layer._forward_pre_hooks.values()):
+        return f"{name} recomputes its weight before every forward (weight_norm / spectral_norm)"
+    if type(layer).forward not in _plain_forwards():
+        return (f"{name} has its own forward, which may transform its weight (e.g. timm's "
+                "StdConv2d standardises it), so a merged weight would not give the adapted output")
+    return ""
+
+
 class AdapterLayer(Adapter):
     """Wraps `base_layer`; `forward` adds the adapter's effect unless it is merged."""
 
     mergeable: bool = True
     why_not_mergeable: str = ""
+    # True: merge keeps the layer's exact weight and bias and unmerge writes them back bitwise
+    # (costs one copy of the weight per merged layer while merged); see the module docstring.
+    stash_on_merge: bool = False
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -44,29 +96,38 @@ class AdapterLayer(Adapter):
         adapter folds into another one (DiffFit's branch scale on `attn1` folds into `to_out.0`)."""
         return self.weighted_layer
 
-    # -- the two functions a mergeable adapter implements --------------------------------------
-    def merged_weight_and_bias(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Base (weight, bias) -> the (weight, bias) that make the base layer alone compute the
-        adapted output. Return bias=None to leave the bias as it is."""
+    # -- what a mergeable adapter implements -------------------------------------------------------
+    def merge_into(self, weight: Tensor, bias: Tensor | None) -> None:
+        """Rewrite the base `weight` and `bias` in place so that the base layer alone computes the
+        adapted output (bias is None when the layer has none and `needs_bias_to_merge` is False)."""
         raise MergeError(f"{type(self).__name__} cannot be merged: {self.why_not_mergeable}")
 
-    def unmerged_weight_and_bias(self, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """The inverse of `merged_weight_and_bias`."""
+    def unmerge_from(self, weight: Tensor, bias: Tensor | None) -> None:
+        """The inverse of `merge_into`, in place. Never called when `needs_stash()` was True."""
         raise MergeError(f"{type(self).__name__} cannot be unmerged: {self.why_not_mergeable}")
 
     def needs_bias_to_merge(self) -> bool:
         """True when merging writes a bias into a base layer that may have none (e.g. a shift)."""
         return False
 
+    def needs_stash(self) -> bool:
+        """True when `unmerge_from` would not restore the weight within rounding in its dtype
+        (or the method promises a bitwise unmerge): merge then keeps a copy to write back."""
+        return self.stash_on_merge
+
     # -- shared merge / unmerge ------------------------------------------------------------------
     def merge_blocker(self) -> str:
-        """Why this layer cannot merge, or '' when it can."""
+        """Why this layer cannot merge, or '' when it can. Checked before any weight changes."""
+        label = self.method_name or type(self).__name__
         if not self.mergeable:
-            return f"{self.method_name or type(self).__name__} ({self.why_not_mergeable})"
+            return f"{label} ({self.why_not_mergeable})"
         layer = self.merge_layer
         if getattr(layer, "weight", None) is None:
-            return (f"{self.method_name or type(self).__name__} into {type(layer).__name__} (the layer "
+            return (f"{label} into {type(layer).__name__} (the layer "
                     "has no weight to fold it into, e.g. a norm without affine)")
+        transform = weight_transform(layer)
+        if transform:
+            return f"{label} into {transform}"
         return ""
 
     @torch.no_grad()
@@ -78,16 +139,15 @@ class AdapterLayer(Adapter):
             raise MergeError(f"cannot merge {blocker}")
         layer = self.merge_layer
         bias = layer.bias
+        if self.needs_stash():  # the exact pre-merge values, restored by unmerge
+            self.register_buffer("_stash_weight", layer.weight.detach().clone(), persistent=False)
+            self.register_buffer("_stash_bias", None if bias is None else bias.detach().clone(),
+                                 persistent=False)
         created_bias = bias is None and self.needs_bias_to_merge()
         if created_bias:  # a LayerNorm's bias has its weight's shape; others one value per output
             shape = layer.weight.shape if isinstance(layer, nn.LayerNorm) else layer.weight.shape[:1]
-            bias = layer.weight.new_zeros(shape)
-        weight, new_bias = self.merged_weight_and_bias(layer.weight, bias)
-        layer.weight.copy_(weight)
-        if created_bias:
-            layer.bias = nn.Parameter(new_bias, requires_grad=False)
-        elif new_bias is not None:
-            layer.bias.copy_(new_bias)
+            layer.bias = nn.Parameter(layer.weight.new_zeros(shape), requires_grad=False)
+        self.merge_into(layer.weight, layer.bias)
         self._created_bias = created_bias
         self.merged = True
 
@@ -96,12 +156,16 @@ class AdapterLayer(Adapter):
         if not self.merged:
             return
         layer = self.merge_layer
-        weight, bias = self.unmerged_weight_and_bias(layer.weight, layer.bias)
-        layer.weight.copy_(weight)
+        stash = getattr(self, "_stash_weight", None)
+        if stash is not None:
+            layer.weight.copy_(stash)
+            if self._stash_bias is not None:
+                layer.bias.copy_(self._stash_bias)
+            self._stash_weight = self._stash_bias = None  # free the copies
+        else:
+            self.unmerge_from(layer.weight, layer.bias)
         if getattr(self, "_created_bias", False):
             layer.bias = None  # the base layer had no bias before merge
-        elif bias is not None:
-            layer.bias.copy_(bias)
         self.merged = False
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -111,8 +175,18 @@ class AdapterLayer(Adapter):
         return f"method={self.method_name!r}, merged={self.merged}"
 
 
+def scale_inverse_is_exact(scale: Tensor, dtype: torch.dtype) -> bool:
+    """True when (γ·w)/γ gives w back within rounding in `dtype` for every entry of γ: γ finite
+    and |γ| ≥ eps(dtype). Then |error| ≤ eps·|w| + tiny, since an underflowed γ·w is off by at
+    most the smallest subnormal, tiny·eps, which /γ makes at most tiny."""
+    eps = torch.finfo(dtype).eps
+    magnitude = scale.detach().abs()
+    return bool(torch.isfinite(magnitude).all()) and bool((magnitude >= eps).all())
+
+
 class AdditiveDeltaLayer(AdapterLayer):
-    """An adapter whose merge is W + ΔW (and b + Δb): subclasses implement `delta_weight`."""
+    """An adapter whose merge is W + ΔW (and b + Δb): subclasses implement `delta_weight`, or
+    `add_delta_` where ΔW can be added without building it (e.g. LoRA's W.addmm_(B, A))."""
 
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
@@ -120,12 +194,50 @@ class AdditiveDeltaLayer(AdapterLayer):
     def delta_bias(self) -> Tensor | None:
         return None
 
-    def merged_weight_and_bias(self, weight, bias):
-        delta_bias = self.delta_bias()
-        new_bias = None if delta_bias is None else bias + delta_bias.to(bias.dtype)
-        return weight + self.delta_weight().to(weight.dtype), new_bias
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        """weight += sign·ΔW in place (the sum taken in the wider dtype, then rounded once)."""
+        weight.add_(self.delta_weight(), alpha=sign)
 
-    def unmerged_weight_and_bias(self, weight, bias):
+    def merge_into(self, weight, bias):
+        self.add_delta_(weight, 1.0)
         delta_bias = self.delta_bias()
-        new_bias = None if delta_bias is None else bias - delta_bias.to(bias.dtype)
-        return weight - self.delta_weight().to(weight.dtype), new_bias
+        if delta_bias is not None:
+            bias.add_(delta_bias)
+
+    def unmerge_from(self, weight, bias):
+        self.add_delta_(weight, -1.0)
+        delta_bias = self.delta_bias()
+        if delta_bias is not None:
+            bias.sub_(delta_bias)
+
+
+# -- the dtype of new adapter parameters (apply's `adapter_dtype`) --------------------------------
+HALF = (torch.float16, torch.bfloat16)
+_ADAPTER_DTYPE: ContextVar[torch.dtype | str | None] = ContextVar("adapter_dtype", default=None)
+
+
+def adapter_dtype(like: Tensor) -> torch.dtype:
+    """The dtype of a new trainable adapter parameter beside the base tensor `like`.
+
+    apply(adapter_dtype=None) (default): float32 on a float16/bfloat16 base, so optimizers and
+    torch.amp.GradScaler see fp32 parameters (the mixed-precision recipe), else the base dtype;
+    "base": the base tensor's dtype; a torch dtype: that one. Forwards cast the adapter to the
+    activations' dtype, so the layer computes in the base model's precision."""
+    choice = _ADAPTER_DTYPE.get()
+    if choice is None:
+        return torch.float32 if like.dtype in HALF else like.dtype
+    return like.dtype if choice == "base" else choice
+
+
+@contextmanager
+def adapter_dtype_scope(choice: torch.dtype | str | None):
+    token = _ADAPTER_DTYPE.set(choice)
+    try:
+        yield
+    finally:
+        _ADAPTER_DTYPE.reset(token)
+
+
+def like_kwargs(like: Tensor) -> dict:
+    """dtype and device of a new adapter parameter beside `like` (see `adapter_dtype`)."""
+    return {"dtype": adapter_dtype(like), "device": like.device}

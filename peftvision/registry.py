@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from .errors import UnknownMethodError
+from .errors import UnknownMethodError, did_you_mean
 
 if TYPE_CHECKING:
     from .methods.base import Method
@@ -38,7 +38,8 @@ def get_method(name: str) -> type[Method]:
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
         raise UnknownMethodError(
-            f"unknown method {name!r}; available methods: {', '.join(sorted(_REGISTRY))}"
+            f"unknown method {name!r}{did_you_mean(key, [*_REGISTRY, *_ALIASES])}; "
+            f"available methods: {', '.join(sorted(_REGISTRY))}"
             + (f" (aliases: {', '.join(f'{a}={t}' for a, t in sorted(_ALIASES.items()))})"
                if _ALIASES else "")
         )

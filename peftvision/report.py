@@ -44,6 +44,9 @@ class Report:
 
 def report(model: nn.Module) -> Report:
     """Total and trainable parameters of `model`, per applied method and per module type."""
+    from .wrappers import unwrap
+
+    model = unwrap(model)
     record = applied(model)
     methods = record.methods if record else ()
     selected = {p: m.name for m in methods for p in m.selected}

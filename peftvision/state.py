@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import NotAppliedError
 from .layers import Adapter, AdapterLayer
@@ -15,6 +15,15 @@ if TYPE_CHECKING:
     from .methods.base import Method
 
 STATE_ATTR = "_peftvision_state"
+
+
+class Originals(dict):
+    """canonical name -> a copy of a user tensor taken before peftvision let it change (selected
+    parameters, the head, buffers such as BatchNorm statistics), so unload(merge=False) writes it
+    back bitwise. The copies are never mutated, so copying the state shares them."""
+
+    def __deepcopy__(self, memo) -> Originals:
+        return Originals(self)
 
 
 @dataclass
@@ -33,6 +42,14 @@ class PeftState:
     head: list[str] = field(default_factory=list)
     wrapped: dict[str, list[str]] = field(default_factory=dict)  # method -> canonical module names
     adapter_name: str = "default"
+    base_keys: list[str] = field(default_factory=list)  # the user model's state-dict keys
+    keep_original: bool = True  # apply(keep_original=...): copies kept for unload(merge=False)
+    originals: Originals = field(default_factory=Originals)
+
+    def keep(self, canonical: str, tensor: Tensor) -> None:
+        """Copy `tensor` (once) before it can change, when keep_original is on."""
+        if self.keep_original and canonical not in self.originals:
+            self.originals[canonical] = tensor.detach().clone()
 
 
 def get_state(model: nn.Module) -> PeftState | None:

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,7 +8,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py: tiny model factories
 
 REPO = Path(__file__).resolve().parents[1]
-BUSI = REPO.parent / "shared" / "data" / "busi"
+# ../shared/data/busi beside the repo; PEFTVISION_BUSI points elsewhere (e.g. from a git worktree)
+BUSI = Path(os.environ.get("PEFTVISION_BUSI", REPO.parent / "shared" / "data" / "busi"))
 
 
 @pytest.fixture(autouse=True)
@@ -19,5 +21,6 @@ def _deterministic():
 @pytest.fixture
 def busi_dir() -> Path:
     if not BUSI.is_dir():
-        pytest.skip(f"real BUSI images not found at {BUSI} (../shared/data/busi beside the repo)")
+        pytest.skip(f"real BUSI images not found at {BUSI} "
+                    "(../shared/data/busi beside the repo, or set PEFTVISION_BUSI)")
     return BUSI

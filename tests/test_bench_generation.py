@@ -103,6 +103,19 @@ def test_fid_with_injected_features():
     assert other > 1e-3 and other > 1000 * abs(same)
 
 
+def test_sampling_and_fid_show_progress_when_asked(monkeypatch, capsys):
+    monkeypatch.setenv("PEFTVISION_PROGRESS", "1")
+    images = generate(tiny_components(32), ["An image of a red circle."] * 3, image_size=32,
+                      inference_steps=1, batch_size=2, seed=0, device=CPU)
+    compute_fid(images, images, make_fid("offline")[1], batch_size=2)
+    err = capsys.readouterr().err
+    for desc in ("sampling", "FID features (real)", "FID features (generated)"):
+        assert f"{desc}:" in err
+    monkeypatch.setenv("PEFTVISION_PROGRESS", "0")
+    compute_fid(images, images, make_fid("offline")[1], batch_size=2)
+    assert capsys.readouterr().err == ""
+
+
 def test_local_component_folder_round_trip(tmp_path):
     c = tiny_components(32)
     loaded = load_components(str(c.save_pretrained(tmp_path / "sd")))

@@ -380,3 +380,11 @@ def test_real_training_through_hpo(tmp_path, db_dir, capsys):
     assert 0.0 <= run["test_macro_f1"] <= 1.0
     assert list((out / "seed0").glob("*/result.json"))  # run_experiment's own result file
     assert "test macro-F1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting, shown", [("1", True), ("0", False)])
+def test_trials_progress_bar_follows_the_progress_setting(db_dir, monkeypatch, capsys, setting, shown):
+    monkeypatch.setenv("PEFTVISION_PROGRESS", setting)
+    run_hpo(Cfg(), trials=2, storage=sqlite(db_dir), study_name="bar", objective_fn=fake_objective,
+            retrain=False)
+    assert ("2/2" in capsys.readouterr().err) == shown

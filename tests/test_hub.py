@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import huggingface_hub
@@ -12,6 +13,7 @@ from huggingface_hub import errors as hf_errors
 from models import make_inputs, make_model, run
 
 import peftvision as pv
+import peftvision.hub
 
 
 class FakeApi:
@@ -49,6 +51,7 @@ class FakeResponse:
 def fake_hub(monkeypatch, tmp_path):
     FakeApi.calls, FakeApi.uploads, FakeApi.store = [], [], tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(peftvision.hub, "offline_reason", lambda timeout=3.0: None)  # "online"
 
     def snapshot_download(repo_id, revision=None, **kw):
         folder = FakeApi.store / repo_id.replace("/", "--")
@@ -128,7 +131,7 @@ def test_pull_offline_with_nothing_cached(monkeypatch):
 
 
 def test_not_a_repo_id_nor_folder():
-    with pytest.raises(pv.AdapterLoadError, match="neither an existing folder"):
+    with pytest.raises(pv.AdapterLoadError, match="does not exist"):
         pv.load_adapter(make_model("vit"), "no/such/folder")
 
 
@@ -147,3 +150,57 @@ def test_cli_push_uploads_a_saved_folder(fake_hub, tmp_path, capsys):
     upload = next(c for c in fake_hub.calls if c[0] == "upload_folder")
     assert upload[1] == "me/from-cli" and upload[2]["revision"] == "v2"
     assert (fake_hub.uploads[0] / "adapter_model.safetensors").is_file()
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """Offline mode off, and an endpoint where nothing listens (refused at once)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+
+
+def test_offline_reason(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as `make test` sets HF_HUB_OFFLINE=1
+    assert peftvision.hub.offline_reason() == "HF_HUB_OFFLINE is set"
+
+
+def test_offline_reason_without_offline_mode(unreachable_hub):
+    assert peftvision.hub.offline_reason().startswith("no connection to 127.0.0.1:9")
+
+
+def test_push_offline_fails_at_once_and_uploads_nothing(unreachable_hub, monkeypatch, tmp_path):
+    FakeApi.calls = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    start = time.perf_counter()
+    with pytest.raises(pv.OfflineError, match="cannot push to 'me/x': the Hub is unreachable"):
+        pv.push_to_hub(trained_vit(), "me/x")
+    assert time.perf_counter() - start < 10  # no minute of retries
+    assert FakeApi.calls == []
+
+
+def test_pull_unreachable_reads_the_cache_without_retries(unreachable_hub, monkeypatch):
+    from huggingface_hub import constants
+
+    seen = []
+
+    def snapshot_download(*a, **kw):
+        seen.append(constants.HF_HUB_OFFLINE)  # offline mode: cache only, no retries
+        raise hf_errors.LocalEntryNotFoundError("offline and not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(pv.AdapterLoadError, match="not in the local Hub cache"):
+        pv.load_adapter(make_model("vit"), "me/vit-lora")
+    assert seen == [True] and constants.HF_HUB_OFFLINE is False  # restored afterwards
+
+
+def test_cli_push_offline_is_one_line(unreachable_hub, tmp_path):
+    from peftvision.cli import main
+
+    pv.save_adapter(trained_vit(), tmp_path / "adapter")
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(tmp_path / "adapter"), "me/x"])
+    assert str(info.value).startswith("peftvision: cannot push to 'me/x': the Hub is unreachable")

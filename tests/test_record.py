@@ -72,6 +72,9 @@ def test_applied_records_what_apply_decided():
     assert record.base_model["class"].endswith(".VisionTransformer")
     with pytest.raises(KeyError, match="applied: \\['bias', 'lora'\\]"):
         record.method("ssf")
+    compiled = torch.compile(model)  # seen through training wrappers, as apply does
+    assert pv.applied(compiled).names == record.names
+    assert pv.applied(torch.nn.DataParallel(model)).names == record.names
     pv.unload(model)
     assert pv.applied(model) is None
 
@@ -107,4 +110,8 @@ def test_an_adapter_saved_by_peftvision_0_1_0_still_loads(tmp_path):
     assert spt.config.lora_modules == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2",
                                        "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
     saved = json.loads((folder / "adapter_config.json").read_text())["methods"]
-    assert [{"name": m.name, "config": m.config.to_dict()} for m in pv.applied(model).methods] == saved
+    # what was saved is recorded again (options added since then take their defaults)
+    recorded = [{"name": m.name, "config": m.config.to_dict()} for m in pv.applied(model).methods]
+    assert [m["name"] for m in recorded] == [m["name"] for m in saved]
+    for now, then in zip(recorded, saved):
+        assert {k: now["config"][k] for k in then["config"]} == then["config"]

@@ -14,6 +14,8 @@ import warnings
 import torch
 from torch import nn
 
+from peftvision.progress import progress
+
 OFFLINE_SEED = 1234
 
 
@@ -72,6 +74,7 @@ def compute_fid(real: torch.Tensor, fake: torch.Tensor, metric, batch_size: int 
     """FID between (N, 3, H, W) uint8 real and fake images (each set needs >= 2 images)."""
     metric.reset()
     for images, is_real in ((real, True), (fake, False)):
-        for i in range(0, len(images), batch_size):
+        desc = f"FID features ({'real' if is_real else 'generated'})"
+        for i in progress(range(0, len(images), batch_size), desc, unit="batch"):
             metric.update(images[i:i + batch_size].to(metric.device), real=is_real)
     return float(metric.compute())

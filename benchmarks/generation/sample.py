@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from peftvision.progress import progress
+
 from .components import Components
 
 
@@ -32,7 +34,7 @@ def generate(c: Components, prompts: Sequence[str], *, image_size: int, inferenc
     pipe = make_pipeline(c, device)
     generator = torch.Generator(device).manual_seed(seed)
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in progress(range(0, len(prompts), batch_size), "sampling", unit="batch"):
         images = pipe(list(prompts[i:i + batch_size]), height=image_size, width=image_size,
                       num_inference_steps=inference_steps, guidance_scale=guidance_scale,
                       generator=generator, output_type="pt").images  # (B, 3, S, S) in [0, 1]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, like_kwargs
 from ..registry import register_method
 from ..targets import VIT, _loaded_class
 from .base import ApplyContext, Method, number_in, positive_int
@@ -34,7 +34,7 @@ class AdaptFormerBlock(AdapterLayer):
         super().__init__(base_layer)
         width = self.weighted_layer.norm2.normalized_shape[0]
         ref = self.weighted_layer.norm1.weight
-        kw = {"dtype": ref.dtype, "device": ref.device}
+        kw = like_kwargs(ref)
         self.down = nn.Linear(width, bottleneck, **kw)
         self.up = nn.Linear(bottleneck, width, **kw)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
@@ -50,7 +50,8 @@ class AdaptFormerBlock(AdapterLayer):
     def forward(self, x: Tensor, **kwargs) -> Tensor:  # x: (B, N, D)
         b = self.weighted_layer  # a timm Block: run its own steps, adding the parallel branch
         x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x), **kwargs)))
-        branch = self.up(self.dropout(F.relu(self.down(x)))) * self.scale  # (B, N, D)
+        h = x.to(self.down.weight.dtype)  # the adapter's dtype (fp32 beside a half base by default)
+        branch = (self.up(self.dropout(F.relu(self.down(h)))) * self.scale).to(x.dtype)  # (B, N, D)
         return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))) + branch
 
 

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedArchitectureError
+from ..errors import ConfigError, UnsupportedArchitectureError, did_you_mean
 from ..layers import AdapterLayer
 from ..state import PeftState
 from ..surgery import Journal, wrap_module
@@ -114,9 +114,25 @@ def make_config(cls: type[Method], **cfg: Any) -> Method:
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg) - valid)
     if unknown:
-        raise ConfigError(f"{cls.name}: unknown option(s) {', '.join(unknown)}; "
+        hints = "; ".join(h for h in (_option_hint(name, valid) for name in unknown) if h)
+        raise ConfigError(f"{cls.name}: unknown option(s) {', '.join(unknown)}"
+                          f"{f' ({hints})' if hints else ''}; "
                           f"valid options: {', '.join(sorted(valid)) or 'none'}")
     return cls(**cfg)
+
+
+# Option names users bring from huggingface/peft's LoraConfig, and ours.
+PEFT_SPELLINGS = {"lora_alpha": "alpha", "target_modules": "targets", "lora_dropout": "dropout",
+                  "rank": "r"}
+
+
+def _option_hint(name: str, valid: set[str]) -> str:
+    """"lora_alpha: peft's name for 'alpha'", "dropuot: did you mean 'dropout'?" or ""."""
+    ours = PEFT_SPELLINGS.get(name)
+    if ours in valid:
+        return f"{name}: peft's name for {ours!r}"
+    close = did_you_mean(name, sorted(valid))
+    return f"{name}: {close.strip(' ()')}" if close else ""
 
 
 def _encode(value: Any) -> Any:
@@ -169,6 +185,7 @@ class ApplyContext:
         """Make these existing (canonical name, parameter) pairs trainable for `method`."""
         count = 0
         for canonical, param in params:
+            self.state.keep(canonical, param)  # before training changes it (unload restores it)
             param.requires_grad_(True)
             if canonical not in self.state.selected:  # selected by two methods: counted once
                 self.state.selected[canonical] = method.name

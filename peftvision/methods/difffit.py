@@ -14,7 +14,8 @@ Merge: a Linear's scale folds into it (W' = diag(γ)·W, b' = γ ⊙ b); a branc
 branch's last Linear (the Attention's to_out.0, the FeedForward's last Linear), exact because
 only dropout (and the Attention's division by rescale_output_factor) follows that Linear; an
 Attention with residual_connection=True adds its input after to_out.0 and refuses to merge.
-Unmerge divides by γ (fp32 rounding, as SSF), so a γ with a zero entry refuses to merge.
+Unmerge divides by γ (within rounding, as SSF); a γ with a zero or tiny entry makes merge keep
+the exact weight instead (layers.py), so unmerge never divides by zero.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..affine import affine
 from ..errors import UnsupportedArchitectureError
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact
 from ..registry import register_method
 from ..targets import GENERIC, NORM_TYPES, UNET, _loaded_class
 from .base import ApplyContext, Method, parameters_under
@@ -64,7 +66,7 @@ class ChannelScale(AdapterLayer):
     def __init__(self, base_layer: nn.Module, channels: int) -> None:
         super().__init__(base_layer)
         ref = next(self.weighted_layer.parameters())
-        self.difffit_scale = nn.Parameter(torch.ones(channels, dtype=ref.dtype, device=ref.device))
+        self.difffit_scale = nn.Parameter(torch.ones(channels, **like_kwargs(ref)))
 
     @property
     def merge_layer(self) -> nn.Module:
@@ -76,19 +78,24 @@ class ChannelScale(AdapterLayer):
             why = branch_output_linear(self.weighted_layer)[1]
             if why:
                 return f"difffit's {type(self.weighted_layer).__name__} branch scale ({why})"
-        if bool((self.difffit_scale == 0).any()):
-            return "difffit (a scale γ has a zero entry: unmerge would divide by zero)"
         return super().merge_blocker()
+
+    def needs_stash(self) -> bool:  # dividing by a zero or tiny γ would not give W back
+        return not scale_inverse_is_exact(self.difffit_scale, self.merge_layer.weight.dtype)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         out = self.base_layer(x, *args, **kwargs)  # (B, N, C)
-        return out if self.merged else out * self.difffit_scale
+        return out if self.merged else affine(out, self.difffit_scale.to(out.dtype))
 
-    def merged_weight_and_bias(self, weight, bias):  # weight (C, in): scale its output rows
-        return weight * self.difffit_scale[:, None], None if bias is None else bias * self.difffit_scale
+    def merge_into(self, weight, bias):  # weight (C, in): scale its output rows in place
+        weight.mul_(self.difffit_scale[:, None])
+        if bias is not None:
+            bias.mul_(self.difffit_scale)
 
-    def unmerged_weight_and_bias(self, weight, bias):
-        return weight / self.difffit_scale[:, None], None if bias is None else bias / self.difffit_scale
+    def unmerge_from(self, weight, bias):
+        weight.div_(self.difffit_scale[:, None])
+        if bias is not None:
+            bias.div_(self.difffit_scale)
 
 
 @register_method

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..layers import AdditiveDeltaLayer
+from ..layers import AdditiveDeltaLayer, like_kwargs
 from ..registry import register_method
 from ..targets import (
     GENERIC,
@@ -50,20 +50,25 @@ class LoRALinear(LoRALayer):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base_layer, r, alpha, dropout)
         base_layer = self.weighted_layer
-        weight = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=weight.dtype, device=weight.device))
+        kw = like_kwargs(base_layer.weight)
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., out)
         if self.merged:
             return out
-        low = F.linear(self._drop(x), self.lora_A)  # (..., r)
-        return out + F.linear(low, self.lora_B) * self.scaling
+        low = F.linear(self._drop(x), self.lora_A.to(x.dtype))  # (..., r)
+        return out + F.linear(low, self.lora_B.to(x.dtype)) * self.scaling
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, in)
+
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if weight.dtype != self.lora_A.dtype:  # e.g. an fp32 adapter on an fp16 base: round once
+            return super().add_delta_(weight, sign)
+        weight.addmm_(self.lora_B, self.lora_A, alpha=sign * self.scaling)  # no (out, in) temporary
 
 
 class LoRAFusedLinear(LoRALayer):
@@ -76,10 +81,10 @@ class LoRAFusedLinear(LoRALayer):
             raise ConfigError(f"fused qkv needs out_features divisible by 3, got {base_layer.out_features}")
         self.slots = [QKV.index(p) for p in parts]  # which thirds are adapted, in q, k, v order
         self.width = base_layer.out_features // len(QKV)
-        weight = base_layer.weight
+        kw = like_kwargs(base_layer.weight)
         n = len(self.slots)
-        self.lora_A = nn.Parameter(torch.empty(n, r, base_layer.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(n, self.width, r, dtype=weight.dtype, device=weight.device))
+        self.lora_A = nn.Parameter(torch.empty(n, r, base_layer.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(n, self.width, r, **kw))
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
@@ -87,9 +92,9 @@ class LoRAFusedLinear(LoRALayer):
         out = self.base_layer(x)  # (..., 3D)
         if self.merged:
             return out
-        low = F.linear(self._drop(x), rearrange(self.lora_A, "n r i -> (n r) i"))  # (..., n*r)
+        low = F.linear(self._drop(x), rearrange(self.lora_A, "n r i -> (n r) i").to(x.dtype))  # (..., n*r)
         low = rearrange(low, "... (n r) -> ... n r", n=len(self.slots))  # (..., n, r)
-        delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B) * self.scaling  # (..., n, D)
+        delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B.to(low.dtype)) * self.scaling  # (..., n, D)
         return out + self._scatter(delta)
 
     def _scatter(self, delta: Tensor) -> Tensor:
@@ -110,6 +115,13 @@ class LoRAFusedLinear(LoRALayer):
         delta[self.slots] = per_slot
         return rearrange(delta, "three d i -> (three d) i")  # (3D, in): q, k, v stacked
 
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if weight.dtype != self.lora_A.dtype or not weight.is_contiguous():
+            return super().add_delta_(weight, sign)
+        slots = weight.view(len(QKV), self.width, -1)  # (3, D, in): the q, k, v rows
+        for i, slot in enumerate(self.slots):
+            slots[slot].addmm_(self.lora_B[i], self.lora_A[i], alpha=sign * self.scaling)
+
 
 class LoRAConv(LoRALayer):
     """Conv LoRA. `r` is the rank per group: A is a conv with the base's kernel, stride, padding,
@@ -119,10 +131,10 @@ class LoRAConv(LoRALayer):
         super().__init__(base_layer, r, alpha, dropout)
         base_layer = self.weighted_layer
         weight = base_layer.weight  # (out, in/g, *k)
-        g = base_layer.groups
-        self.lora_A = nn.Parameter(torch.empty(g * r, *weight.shape[1:], dtype=weight.dtype, device=weight.device))
+        g, kw = base_layer.groups, like_kwargs(weight)
+        self.lora_A = nn.Parameter(torch.empty(g * r, *weight.shape[1:], **kw))
         ones = (1,) * (weight.dim() - 2)
-        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, *ones, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], r, *ones, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self._pointwise = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[weight.dim()]
 
@@ -131,8 +143,8 @@ class LoRAConv(LoRALayer):
         if self.merged:
             return out
         base = self.weighted_layer
-        low = base._conv_forward(self._drop(x), self.lora_A, None)  # (B, g*r, *spatial'): base geometry
-        return out + self._pointwise(low, self.lora_B, groups=base.groups) * self.scaling
+        low = base._conv_forward(self._drop(x), self.lora_A.to(x.dtype), None)  # (B, g*r, *spatial'): base geometry
+        return out + self._pointwise(low, self.lora_B.to(low.dtype), groups=base.groups) * self.scaling
 
     def delta_weight(self) -> Tensor:
         g = self.weighted_layer.groups
@@ -140,6 +152,14 @@ class LoRAConv(LoRALayer):
         b = rearrange(self.lora_B, "(g o) r ... -> g o (r ...)", g=g)  # (g, out/g, r): 1x1 kernel
         delta = torch.bmm(b, a) * self.scaling  # (g, out/g, in/g·k·k)
         return delta.reshape(self.weighted_layer.weight.shape)  # (out, in/g, *k)
+
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if weight.dtype != self.lora_A.dtype or not weight.is_contiguous():
+            return super().add_delta_(weight, sign)
+        g = self.weighted_layer.groups
+        a = self.lora_A.reshape(g, self.r, -1)  # (g, r, in/g * k)
+        b = self.lora_B.reshape(g, -1, self.r)  # (g, out/g, r)
+        weight.view(g, b.shape[1], -1).baddbmm_(b, a, alpha=sign * self.scaling)  # in place
 
 
 @register_method

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import TargetError, UnsupportedArchitectureError
 from ..registry import register_method
 from ..targets import (
     GENERIC,
@@ -27,6 +27,9 @@ class SelectiveMethod(Method):
     """Selects the parameters of the matched modules that `wanted` accepts."""
 
     targets: TargetSpec = None
+    # Parameters by exact name, trained too: bare ones such as ViT's `pos_embed` or `cls_token`
+    # belong to no module a target can match (Dutt et al.'s attention tuning trains `pos_embed`).
+    extra_params: tuple[str, ...] = ()
     module_types: ClassVar[tuple[type[nn.Module], ...]] = (nn.Module,)
 
     def default_targets(self, ctx: ApplyContext) -> TargetSpec:
@@ -45,11 +48,32 @@ class SelectiveMethod(Method):
             for canonical, param in parameters_under(name, module):
                 if self.wanted(canonical.rpartition(".")[2]) and not _in_head(canonical, ctx):
                     chosen[canonical] = param
+        chosen.update(_extra_params(self, ctx))
         if not chosen:
             raise UnsupportedArchitectureError(
                 f"{self.name}: the matched modules of {type(ctx.model).__name__} hold no parameter "
                 f"this method trains; pass other targets=[...]")
         ctx.select(self, chosen.items())
+
+
+def _extra_params(method: SelectiveMethod, ctx: ApplyContext) -> dict[str, nn.Parameter]:
+    if not method.extra_params:
+        return {}
+    if isinstance(method.extra_params, str):
+        raise TargetError(f"{method.name}: extra_params takes a list of parameter names, "
+                          f"e.g. extra_params=[{method.extra_params!r}]")
+    every = dict(parameters_under("", ctx.model))
+    missing = [n for n in method.extra_params if n not in every]
+    if missing:
+        bare = [n for n in every if "." not in n]
+        raise TargetError(f"{method.name}: extra_params {missing} name no parameter of "
+                          f"{type(ctx.model).__name__}; its bare parameters are {bare or 'none'} "
+                          "(or give a full name such as 'blocks.0.norm1.weight')")
+    head = [n for n in method.extra_params if _in_head(n, ctx)]
+    if head:
+        raise TargetError(f"{method.name}: extra_params {head} are in the classifier head, which "
+                          "trains anyway; leave them out")
+    return {n: every[n] for n in method.extra_params}
 
 
 def _in_head(canonical: str, ctx: ApplyContext) -> bool:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..progress import progress
 
 
 def default_loss(output: Any, targets: Tensor) -> Tensor:
@@ -33,6 +34,15 @@ def _run(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, (list, tuple)):
         return model(*inputs)
     return model(inputs)
+
+
+def _length(data: Iterable, batches: int | None) -> int | None:
+    """How many batches the pass will take, for the progress bar (None: unknown)."""
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:  # a generator
+        return batches
+    return n if batches is None else min(n, batches)
 
 
 def accumulate_gradients(model: nn.Module, params: list[nn.Parameter], data: Iterable,
@@ -69,7 +79,8 @@ def accumulate_gradients(model: nn.Module, params: list[nn.Parameter], data: Ite
         handles = [p.register_post_accumulate_grad_hook(fold(i)) for i, p in enumerate(params)]
         model.eval()
         with torch.enable_grad():
-            for batch in data:
+            for batch in progress(data, f"{method}: importance", total=_length(data, batches),
+                                  unit="batch"):
                 if batches is not None and seen >= batches:
                     break
                 if not (isinstance(batch, (tuple, list)) and len(batch) == 2):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import ConfigError, CorruptAdapterError
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, like_kwargs
 
 # Below this share of a Linear weight, the values' gradient is a sampled matmul at the chosen
 # entries; above it a dense weight gradient is cheaper (measured crossover on CPU: about 10%).
@@ -152,7 +152,7 @@ class SparseDeltaLayer(AdapterLayer):
                                   f"{type(layer).__name__} is not")
             self.register_buffer(f"indices_{name}", idx.to(param.device, index_dtype(param.numel())))
             self.register_parameter(f"values_{name}", nn.Parameter(
-                torch.zeros(idx.numel(), dtype=param.dtype, device=param.device)))
+                torch.zeros(idx.numel(), **like_kwargs(param))))
 
     # -- the deltas -------------------------------------------------------------------------
     def target(self, name: str) -> Tensor:
@@ -175,9 +175,18 @@ class SparseDeltaLayer(AdapterLayer):
             self._checked[name] = key
         return idx
 
+    def check_loaded(self) -> None:
+        """Validate every index buffer now (load_adapter calls this after filling them)."""
+        for name in self.names:
+            self.indices(name)
+
+    def values(self, name: str) -> Tensor:
+        """Δp's values in p's dtype (they may be fp32 beside a half base; differentiable)."""
+        return getattr(self, f"values_{name}").to(self.target(name).dtype)
+
     def effective(self, name: str) -> Tensor:
         """p + Δp (differentiable in the values)."""
-        return add_at(self.target(name), self.indices(name), getattr(self, f"values_{name}"))
+        return add_at(self.target(name), self.indices(name), self.values(name))
 
     def forward(self, *args, **kwargs):
         layer = self.base_layer
@@ -186,7 +195,7 @@ class SparseDeltaLayer(AdapterLayer):
         kind = "" if isinstance(layer, AdapterLayer) else _fast_kind(layer)
         if kind and "weight" in self.names and len(args) == 1 and not kwargs:
             bias = self.effective("bias") if "bias" in self.names else layer.bias
-            values, idx = self.values_weight, self.indices("weight")
+            values, idx = self.values("weight"), self.indices("weight")
             if kind == "linear":
                 return _SparseLinear.apply(args[0], values, idx, layer.weight, bias)
             return _SparseConv.apply(args[0], values, idx, layer.weight, bias, layer)
@@ -207,7 +216,7 @@ class SparseDeltaLayer(AdapterLayer):
         for name in self.names:
             flat, idx = self.target(name).view(-1), self.indices(name)
             saved = flat[idx]  # (k,) a copy: what unmerge writes back
-            flat[idx] = saved + getattr(self, f"values_{name}")  # the forward's W[i] + v, bitwise
+            flat[idx] = saved + self.values(name)  # the forward's W[i] + v, bitwise
             self.register_buffer(f"_saved_{name}", saved, persistent=False)
         self.merged = True
 

@@ -37,33 +37,15 @@ from .sparse_selection import ScopeEntry, split_positions, top_k
 LORA_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class _ExactUnmerge:
-    """LoRA whose unmerge restores W bitwise (W + BA - BA is not W in floating point): merge keeps
-    the pre-merge weight, one copy per merged matrix, dropped again by unmerge."""
+class SPTLoRALinear(LoRALinear):
+    """LoRA whose unmerge restores W bitwise, like the sparse deltas beside it (W + BA − BA is not
+    W in floating point): merge keeps the pre-merge weight while merged (layers.py)."""
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        saved = self.weighted_layer.weight.detach().clone()
-        super().merge()
-        self.register_buffer("_saved_weight", saved, persistent=False)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.weighted_layer.weight.copy_(self._saved_weight)
-        self.register_buffer("_saved_weight", None, persistent=False)
-        self.merged = False
+    stash_on_merge = True
 
 
-class SPTLoRALinear(_ExactUnmerge, LoRALinear):
-    pass
-
-
-class SPTLoRAConv(_ExactUnmerge, LoRAConv):
-    pass
+class SPTLoRAConv(LoRAConv):
+    stash_on_merge = True
 
 
 def lora_cost(module: nn.Module, attr: str, r: int) -> int | None:

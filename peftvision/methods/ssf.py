@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers import AdapterLayer
+from ..affine import affine
+from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact
 from ..registry import register_method
 from ..targets import GENERIC, RESNET, VIT, VIT_SSF, TargetSpec, _loaded_class
 from .base import ApplyContext, Method, number_in
@@ -38,6 +40,15 @@ def out_channels(layer: nn.Module) -> int:
     return layer.normalized_shape[-1]  # LayerNorm
 
 
+def _is_plain_layer_norm(layer: nn.Module) -> bool:
+    """A LayerNorm whose forward is F.layer_norm with its own parameters (torch's, or timm's
+    without its fused kernel)."""
+    if type(layer) is nn.LayerNorm:
+        return True
+    timm_ln = _loaded_class("timm.layers.norm", "LayerNorm")
+    return timm_ln is not None and type(layer) is timm_ln and not getattr(layer, "_fast_norm", True)
+
+
 class SSFLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, init_std: float = 0.02) -> None:
         super().__init__(base_layer)
@@ -45,7 +56,7 @@ class SSFLayer(AdapterLayer):
         self.channel_dim = channel_dim(layer)
         channels = out_channels(layer)
         ref = next(layer.parameters(), None)
-        kwargs = {"dtype": ref.dtype, "device": ref.device} if ref is not None else {}
+        kwargs = like_kwargs(ref) if ref is not None else {}
         self.ssf_scale = nn.Parameter(torch.empty(channels, **kwargs).normal_(1.0, init_std))
         self.ssf_shift = nn.Parameter(torch.empty(channels, **kwargs).normal_(0.0, init_std))
 
@@ -55,14 +66,22 @@ class SSFLayer(AdapterLayer):
         return v.view(shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if not self.merged and _is_plain_layer_norm(self.base_layer):
+            return self._scaled_layer_norm(x)
         out = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return out
-        if self.channel_dim == -1:  # (..., C): plain broadcasting
-            return out * self.ssf_scale + self.ssf_shift
-        scale = self._view(self.ssf_scale, out.dim(), self.channel_dim)  # (1, C, 1, 1)
-        shift = self._view(self.ssf_shift, out.dim(), self.channel_dim)
-        return out * scale + shift
+        scale, shift = self.ssf_scale.to(out.dtype), self.ssf_shift.to(out.dtype)  # an fp32 adapter on half
+        return affine(out, scale, shift, self.channel_dim)  # keeps y, not out
+
+    def _scaled_layer_norm(self, x: Tensor) -> Tensor:
+        """γ ⊙ LN(x) + β as one layer norm with weight γ ⊙ w and bias γ ⊙ b + β (the merged form,
+        equal up to fp32 rounding): it keeps only the norm's input, which it keeps anyway."""
+        norm, scale, shift = self.base_layer, self.ssf_scale, self.ssf_shift
+        weight = scale if norm.weight is None else norm.weight * scale
+        bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale)
+        dtype = x.dtype  # an fp32 adapter beside a half norm computes in the activations' dtype
+        return F.layer_norm(x, norm.normalized_shape, weight.to(dtype), bias.to(dtype), norm.eps)
 
     def needs_bias_to_merge(self) -> bool:
         return True
@@ -73,11 +92,16 @@ class SSFLayer(AdapterLayer):
             return self.ssf_scale  # norm weights: channels are the last axis
         return self._view(self.ssf_scale, weight.dim(), 0)  # Linear/Conv: output channels are dim 0
 
-    def merged_weight_and_bias(self, weight, bias):
-        return weight * self._weight_scale(weight), bias * self.ssf_scale + self.ssf_shift
+    def needs_stash(self) -> bool:  # dividing by a zero or tiny γ would not give W back
+        return not scale_inverse_is_exact(self.ssf_scale, self.merge_layer.weight.dtype)
 
-    def unmerged_weight_and_bias(self, weight, bias):
-        return weight / self._weight_scale(weight), (bias - self.ssf_shift) / self.ssf_scale
+    def merge_into(self, weight, bias):  # in place; the products are rounded once into W's dtype
+        weight.mul_(self._weight_scale(weight))
+        bias.mul_(self.ssf_scale).add_(self.ssf_shift)
+
+    def unmerge_from(self, weight, bias):
+        weight.div_(self._weight_scale(weight))
+        bias.sub_(self.ssf_shift).div_(self.ssf_scale)
 
 
 @register_method

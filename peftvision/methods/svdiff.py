@@ -15,6 +15,10 @@ model. Each call takes the cheaper of two equal forms (no SVD ever runs after ap
 - factored: layer(x) + U·(shift ⊙ Vᵀx), ΔW never formed (few positions, e.g. a UNet's deep
   levels: at 4x4 positions, rebuilding a 1280 x 11520 ΔW costs ~80x the conv itself).
 
+Without gradients (inference) W + ΔW is built once and reused until δ or W change (their
+_version counters and storage are the key), so the unmerged model runs at the base model's cost
+and holds one more copy of each shifted weight; a forward with gradients frees that copy.
+
 Merge writes W + ΔW and keeps W in a non-persistent buffer so that unmerge restores the original
 weight bitwise ((W + ΔW) − ΔW is not W in floating point); a merged model therefore holds one
 extra copy of each shifted weight until it is unmerged or unloaded.
@@ -32,7 +36,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ..errors import UnsupportedArchitectureError
-from ..layers import AdditiveDeltaLayer
+from ..layers import AdditiveDeltaLayer, like_kwargs
+from ..progress import progress
 from ..registry import register_method
 from ..surgery import BiasDecoupledConv1d, BiasDecoupledConv2d, BiasDecoupledConv3d
 from ..targets import GENERIC, RESNET, UNET, VIT, TargetSpec
@@ -61,11 +66,13 @@ def _run(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Te
 class SpectralShift(AdditiveDeltaLayer):
     """δ on the singular values of a Linear/Conv weight, or added to a norm's weight."""
 
+    stash_on_merge = True  # unmerge restores W bitwise (module docstring)
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         weight = self.weighted_layer.weight.detach()
         if isinstance(self.weighted_layer, _NORMS):
-            self.svd_delta = nn.Parameter(torch.zeros_like(weight))  # (C,) or normalized_shape
+            self.svd_delta = nn.Parameter(torch.zeros(weight.shape, **like_kwargs(weight)))  # (C,) or normalized_shape
             self.svd_u = self.svd_s = self.svd_vh = None
             return
         mat = rearrange(weight, "o ... -> o (...)")  # (C_out, C_in/g·k·k); a Linear's stays (out, in)
@@ -75,14 +82,14 @@ class SpectralShift(AdditiveDeltaLayer):
         # contiguous: LAPACK's column-major U and Vᵀ make every conv with them ~10x slower
         for name, t in (("svd_u", u), ("svd_s", s), ("svd_vh", vh)):
             self.register_buffer(name, t.to(weight.dtype).contiguous(), persistent=False)
-        self.svd_delta = nn.Parameter(torch.zeros_like(self.svd_s))  # (k,)
+        self.svd_delta = nn.Parameter(torch.zeros(self.svd_s.shape, **like_kwargs(weight)))  # (k,)
 
-    def _shift(self) -> Tensor:
-        return F.relu(self.svd_s + self.svd_delta) - self.svd_s  # (k,), exactly 0 at δ = 0
+    def _shift(self) -> Tensor:  # in the factors' (the base's) dtype: δ may be fp32 on a half base
+        return (F.relu(self.svd_s + self.svd_delta) - self.svd_s).to(self.svd_s.dtype)  # (k,), 0 at δ = 0
 
     def delta_weight(self) -> Tensor:
         if self.svd_s is None:  # norm weight: additive
-            return self.svd_delta
+            return self.svd_delta.to(self.weighted_layer.weight.dtype)
         return ((self.svd_u * self._shift()) @ self.svd_vh).view(self.weighted_layer.weight.shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -90,12 +97,30 @@ class SpectralShift(AdditiveDeltaLayer):
             return self.base_layer(x, *args, **kwargs)
         layer = self.weighted_layer
         direct = self.base_layer is layer and type(layer).forward in _PLAIN_FORWARDS
+        if self.svd_s is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            weight = self._inference_weight(direct)  # W' (or ΔW when nested), built once per δ
+            if direct:
+                return _run(layer, x, weight, layer.bias)
+            return self.base_layer(x, *args, **kwargs) + _run(layer, x, weight, None)
+        if getattr(self, "_cache", None) is not None:
+            self._cache = None  # training: δ changes every step, free the inference copy
         if self.svd_s is not None and self.factored_is_cheaper(x, direct):
             return self.base_layer(x, *args, **kwargs) + self._factored_delta(x)
         if direct:  # one call of the layer's op with W' = W + ΔW
             return _run(layer, x, layer.weight + self.delta_weight(), layer.bias)
         # nested in another adapter (or an unusual layer subclass): add ΔW's own output
         return self.base_layer(x, *args, **kwargs) + _run(layer, x, self.delta_weight(), None)
+
+    def _inference_weight(self, direct: bool) -> Tensor:
+        """W + ΔW (direct) or ΔW, rebuilt only when δ, W or their storage changed: an optimizer
+        step, load_state_dict or copy_ bumps a tensor's _version, `.to()` gives a new storage."""
+        layer = self.weighted_layer
+        key = tuple((t.data_ptr(), t._version) for t in (self.svd_delta, layer.weight)) + (direct,)
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != key:
+            delta = self.delta_weight()
+            cache = self._cache = (key, layer.weight + delta if direct else delta)
+        return cache[1]
 
     def factored_is_cheaper(self, x: Tensor, direct: bool) -> bool:
         """Multiply-adds of the two ways to train δ, forward + backward, beyond the frozen layer:
@@ -121,17 +146,11 @@ class SpectralShift(AdditiveDeltaLayer):
         pointwise = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[z.dim()]
         return pointwise(z, u.view(*u.shape, *([1] * (z.dim() - 2))))  # 1x1 conv: (B, m, *spatial')
 
-    # -- exact unmerge: keep the base weight while merged ----------------------------------------
-    def merged_weight_and_bias(self, weight, bias):
-        self.register_buffer("base_weight_backup", weight.detach().clone(), persistent=False)
-        return super().merged_weight_and_bias(weight, bias)
-
-    def unmerged_weight_and_bias(self, weight, bias):
-        backup = getattr(self, "base_weight_backup", None)
-        if backup is None:  # not merged by this object (cannot happen through merge())
-            return super().unmerged_weight_and_bias(weight, bias)
-        del self.base_weight_backup
-        return backup, None
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        if self.svd_s is None or not weight.is_contiguous():
+            return super().add_delta_(weight, sign)
+        mat = weight.view(self.svd_u.shape[0], -1)  # (m, n), in place: W += U·diag(shift)·Vᵀ
+        mat.addmm_(self.svd_u * self._shift(), self.svd_vh, alpha=sign)
 
 
 @register_method
@@ -159,5 +178,6 @@ class SVDiff(Method):
                  if getattr(m, "weight", None) is not None]  # a norm without affine has nothing to shift
         if not found:
             raise UnsupportedArchitectureError("svdiff: the matched layers have no weight to shift")
-        for name, _module in found:
+        # one SVD per layer at apply time: ~70 s on ViT-B on a CPU, minutes on SD-1.5
+        for name, _module in progress(found, "svdiff: SVD of weights", unit="layer"):
             ctx.wrap(self, name, SpectralShift)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import MergeError, UnsupportedArchitectureError
-from ..layers import AdapterLayer, AdditiveDeltaLayer
+from ..errors import UnsupportedArchitectureError
+from ..layers import AdapterLayer, AdditiveDeltaLayer, like_kwargs
 from ..registry import register_method
 from ..surgery import get_module
 from ..targets import GENERIC, RESNET, RESNET_BLOCK_CONVS, TargetSpec
@@ -42,7 +42,7 @@ class TSAConv(AdditiveDeltaLayer):
         super().__init__(base_layer)
         conv = self.weighted_layer  # (C_out, C_in, k, k)
         self.tsa_alpha = nn.Parameter(torch.zeros(conv.out_channels, conv.in_channels, 1, 1,
-                                                  dtype=conv.weight.dtype, device=conv.weight.device))
+                                                  **like_kwargs(conv.weight)))
         self.why_not_mergeable = centre_tap_mergeable(conv)
         self.mergeable = not self.why_not_mergeable
 
@@ -50,7 +50,7 @@ class TSAConv(AdditiveDeltaLayer):
         out = self.base_layer(x)  # (B, C_out, H', W')
         if self.merged:
             return out
-        return out + F.conv2d(x, self.tsa_alpha, stride=self.weighted_layer.stride)
+        return out + F.conv2d(x, self.tsa_alpha.to(x.dtype), stride=self.weighted_layer.stride)
 
     def delta_weight(self) -> Tensor:
         conv = self.weighted_layer
@@ -59,29 +59,32 @@ class TSAConv(AdditiveDeltaLayer):
         delta[:, :, kh // 2, kw // 2] = self.tsa_alpha[:, :, 0, 0]
         return delta
 
+    def add_delta_(self, weight: Tensor, sign: float) -> None:
+        kh, kw = self.weighted_layer.kernel_size
+        weight[:, :, kh // 2, kw // 2].add_(self.tsa_alpha[:, :, 0, 0], alpha=sign)  # the centre tap only
+
 
 class TSAAlignment(AdapterLayer):
-    """β before the classifier: head(β·f). Merges into the head: W' = W·β."""
+    """β before the classifier: head(β·f). Merges into the head: W' = W·β.
+
+    Unmerge would need β⁻¹ (singular β, or not exact in half precision): merge keeps the head's
+    weight instead (a classes x features copy) and unmerge writes it back bitwise."""
+
+    stash_on_merge = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         head = self.weighted_layer  # (classes, features)
-        self.tsa_beta = nn.Parameter(torch.eye(head.in_features, dtype=head.weight.dtype,
-                                               device=head.weight.device))
+        self.tsa_beta = nn.Parameter(torch.eye(head.in_features, **like_kwargs(head.weight)))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base_layer(x)
-        return self.base_layer(F.linear(x, self.tsa_beta))  # (B, features) -> (B, classes)
+        return self.base_layer(F.linear(x, self.tsa_beta.to(x.dtype)))  # (B, features) -> (B, classes)
 
-    def merged_weight_and_bias(self, weight, bias):
-        return weight @ self.tsa_beta, None
-
-    def unmerged_weight_and_bias(self, weight, bias):
-        try:  # W = W'·β⁻¹, solved as βᵀ·Wᵀ = W'ᵀ
-            return torch.linalg.solve(self.tsa_beta.T, weight.T).T, None
-        except RuntimeError as exc:
-            raise MergeError("cannot unmerge TSA's alignment: β is singular") from exc
+    def merge_into(self, weight, bias):  # (classes, F) @ (F, F) in the wider dtype, rounded once
+        dtype = torch.promote_types(weight.dtype, self.tsa_beta.dtype)
+        weight.copy_(weight.to(dtype) @ self.tsa_beta.to(dtype))
 
 
 @register_method

@@ -18,7 +18,7 @@ from einops import repeat
 from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedArchitectureError
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, like_kwargs
 from ..registry import register_method
 from ..targets import VIT
 from .base import ApplyContext, Method, number_in, positive_int
@@ -44,12 +44,12 @@ class PromptTokens(PromptLayer):
     def __init__(self, base_layer, offset, tokens, width, init_bound, dropout, replace, like):
         super().__init__(base_layer, offset, tokens)
         self.replace = replace
-        self.prompts = nn.Parameter(torch.empty(1, tokens, width, dtype=like.dtype, device=like.device))
+        self.prompts = nn.Parameter(torch.empty(1, tokens, width, **like_kwargs(like)))
         nn.init.uniform_(self.prompts, -init_bound, init_bound)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def _with_prompts(self, x: Tensor) -> Tensor:  # x: (B, N, D)
-        prompts = repeat(self.dropout(self.prompts), "1 p d -> b p d", b=x.shape[0])  # (B, P, D), a view
+        prompts = repeat(self.dropout(self.prompts.to(x.dtype)), "1 p d -> b p d", b=x.shape[0])  # (B, P, D), a view
         rest = x[:, self.offset + self.tokens:] if self.replace else x[:, self.offset:]
         return torch.cat([x[:, :self.offset], prompts, rest], dim=1)  # (B, N (+P), D)
 

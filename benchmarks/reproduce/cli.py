@@ -1,0 +1,238 @@
+"""`python -m benchmarks reproduce NAME [--dry-run --json]`: run a paper's grid, end with its
+table or figure. Narrow with --datasets/--models/--methods/--seeds; --resume continues."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from . import GRIDS
+from .grid import Grid, Run
+
+# Dataset specs under --data-root (the layouts the user downloads; see docs/benchmarks.md).
+EXTRA_DATASETS = {
+    "rsna-pneumonia": ("csv:{root}/rsna-pneumonia/labels.csv",
+                       "RSNA Pneumonia: labels.csv with path,label rows (images converted from DICOM)"),
+    "mimic-cxr": ("mimic-cxr:{root}/mimic-cxr", "MIMIC-CXR-JPG with reports (text-to-image)"),
+}
+
+
+def dataset_specs(names, data_root: str | None, given: dict[str, str]) -> dict[str, str | None]:
+    """name -> loader spec (None where neither --data-root nor --dataset NAME=SPEC says where)."""
+    from ..presets import DATASETS
+
+    out = {}
+    for n in names:
+        if n in given:
+            out[n] = given[n]
+        elif data_root is None:
+            out[n] = None
+        elif n in DATASETS:
+            out[n] = DATASETS[n].spec.format(root=str(data_root).rstrip("/"))
+        elif n in EXTRA_DATASETS:
+            out[n] = EXTRA_DATASETS[n][0].format(root=str(data_root).rstrip("/"))
+        else:
+            out[n] = None
+    return out
+
+
+def layout(name: str) -> str:
+    from ..presets import DATASETS
+
+    return DATASETS[name].layout if name in DATASETS else EXTRA_DATASETS.get(name, ("", "given with --dataset"))[1]
+
+
+def _model_map(items: list[str], models) -> dict[str, str]:
+    """--model-as LOCAL (every model) or PAPER=LOCAL, for reduced runs (tiny-vit, tiny-resnet)."""
+    out = {}
+    for item in items:
+        paper, sep, local = item.rpartition("=")
+        out.update({m: local for m in models} if not sep else {paper: local})
+    return out
+
+
+def apply_overrides(grid: Grid, args) -> Grid:
+    """The command line's changes to every run (reduced runs, other hardware)."""
+    changes = {k: getattr(args, k) for k in ("epochs", "image_size", "batch_size", "micro_batch", "steps")
+               if getattr(args, k, None) is not None}
+    if args.lr is not None:
+        changes["lr"] = args.lr
+    if args.hpo_trials is not None:
+        changes["hpo_trials"] = args.hpo_trials
+    models = _model_map(args.model_as, {r.model for r in grid.runs})
+    runs = []
+    for r in grid.runs:
+        c = dict(changes)
+        if "batch_size" in c and "micro_batch" not in c:
+            c["micro_batch"] = min(r.micro_batch, c["batch_size"])
+        if r.model in models:
+            c["model"] = models[r.model]
+        if not args.pretrained:
+            c["weights"] = "none"
+        runs.append(dataclasses.replace(r, **c))
+    return dataclasses.replace(grid, runs=tuple(runs))
+
+
+def dry_run(grid: Grid, specs: dict, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"grid": grid.name, "paper": grid.paper, "about": grid.about,
+                          "output": grid.output, "runs": [r.to_json() for r in grid.runs],
+                          "count": len(grid.runs), "datasets": specs,
+                          "cost_gpu_hours": round(grid.cost_gpu_hours(), 2),
+                          "cost_assumption": "3 × forward FLOPs per training image at 100 TFLOP/s; "
+                                             "every HPO trial counted as a full run",
+                          "choices": [dataclasses.asdict(c) for c in grid.choices],
+                          "runnable": grid.runnable or None}, indent=1))
+        return 0
+    print(f"{grid.name}: {grid.paper} — {grid.about}\n  {len(grid.runs)} runs, about "
+          f"{grid.cost_gpu_hours():.1f} GPU-hours (HPO included)")
+    for r in grid.runs:
+        lr = r.lr if r.lr == "hpo" else f"{r.lr:g}"
+        length = f"{r.steps} steps" if r.steps else f"{r.epochs} ep"
+        print(f"  {r.dataset:<15} {r.model:<36} {r.label:<22} {r.fraction:>5.0%} seed {r.seed}  "
+              f"{r.optimizer} bs {r.batch_size}/{r.micro_batch} lr {lr} {length}")
+    for c in grid.choices:
+        print(f"  choice · {c.topic}: paper says {c.paper} / we do {c.ours} / why: {c.why}")
+    if grid.runnable:
+        print(f"  note: {grid.runnable}")
+    return 0
+
+
+def run_config(r: Run, spec: str, args):
+    """The RunConfig of one classification run."""
+    from ..presets import weights_for
+    from ..train import RunConfig
+
+    unsupported = [what for what, bad in (("optimizer " + r.optimizer, r.optimizer != "adamw"),
+                                          ("iteration-based training", r.steps is not None),
+                                          ("the " + r.head + " head", r.head != "linear")) if bad]
+    if unsupported:
+        raise SystemExit(f"{r.grid}: {', '.join(unsupported)} are not in the runner yet; "
+                         "`--dry-run` prints the grid")
+    pretrained = r.weights != "none"
+    split = r.split
+    return RunConfig(dataset=spec, model=r.model, method=list(r.method) if len(r.method) > 1 else r.method[0],
+                     method_options=dict(r.options), epochs=r.epochs, lr=r.lr if r.lr != "hpo" else 1e-3,
+                     weight_decay=r.weight_decay, batch_size=r.batch_size,
+                     accumulation_steps=r.accumulation, image_size=r.image_size, seed=r.seed,
+                     data_fraction=r.fraction, val_fraction=split.get("val", 0.1),
+                     test_fraction=split.get("test", 0.2), pretrained=pretrained,
+                     weights=weights_for(r.model, args.weights_dir) if pretrained else None,
+                     out=args.out, label=r.label, dataset_name=r.dataset, quiet=args.quiet,
+                     device=args.device, num_workers=args.num_workers,
+                     patience=args.patience if args.patience is not None else 5)
+
+
+def execute(grid: Grid, specs: dict, args) -> list[str]:
+    """Every run: fixed lr through run_many, "hpo" cells through one Optuna study each."""
+    from ..cli import run_many
+    from ..hpo import run_hpo
+    from ..results import RESULT_NAME, slug
+
+    notes = []
+    fixed = [r for r in grid.runs if r.lr != "hpo"]
+    if fixed:
+        _, more = run_many([run_config(r, specs[r.dataset], args) for r in fixed], resume=args.resume)
+        notes += more
+    cells: dict[tuple, list[Run]] = {}
+    for r in grid.runs:
+        if r.lr == "hpo":
+            cells.setdefault(r.cell, []).append(r)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for i, (cell, runs) in enumerate(cells.items(), 1):
+        name = slug("__".join([cell[0], cell[1], cell[2], f"f{cell[3]:g}"]))
+        base = dataclasses.replace(run_config(runs[0], specs[runs[0].dataset], args),
+                                   out=str(Path(args.out) / name))
+        seeds = [r.seed for r in runs]
+        if args.resume and all(any((Path(base.out) / f"seed{s}").rglob(RESULT_NAME)) for s in seeds):
+            print(f"[cell {i}/{len(cells)}] exists, skipped: {base.out}")
+            continue
+        print(f"[cell {i}/{len(cells)}] {name}: lr search, {runs[0].hpo_trials} trials, then seeds {seeds}",
+              flush=True)
+        run_hpo(base, trials=runs[0].hpo_trials or 20, total_trials=runs[0].hpo_trials or 20,
+                storage=f"sqlite:///{Path(args.out).resolve() / 'hpo.db'}", study_name=name, seeds=seeds)
+    return notes
+
+
+def finish(grid: Grid, out: str, notes: list[str]) -> int:
+    from ..plot import write_plots
+    from ..table import write_tables
+    from .outputs import write_outputs
+
+    files = write_tables(out)
+    print(files["markdown"].read_text())
+    written = [*files.values(), *write_plots(out), *write_outputs(grid.output, out)]
+    for n in notes:
+        print(f"note: {n}")
+    print("\n".join(f"wrote {p}" for p in written))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    grid = GRIDS[args.name]()
+    grid = grid.narrow(datasets=args.datasets, models=args.models, methods=args.methods, seeds=args.seeds)
+    grid = apply_overrides(grid, args)
+    if not grid.runs:
+        print(f"{args.name}: nothing left after --datasets/--models/--methods/--seeds", file=sys.stderr)
+        return 2
+    given = dict(item.split("=", 1) for item in args.dataset)
+    specs = dataset_specs(sorted({r.dataset for r in grid.runs}), args.data_root, given)
+    if args.dry_run:
+        return dry_run(grid, specs, args.json)
+    if grid.runnable:
+        print(f"{grid.name}: {grid.runnable}", file=sys.stderr)
+        return 2
+    from ..presets import missing_data
+
+    missing = {n: s for n, s in specs.items() if s is None}
+    missing.update(missing_data({n: s for n, s in specs.items() if s is not None}))
+    if missing:
+        lines = [f"  {n}: {s or '(no --data-root)'}  expected: {layout(n)}" for n, s in missing.items()]
+        print("missing datasets (nothing was run; give --data-root DIR or --dataset NAME=SPEC):\n"
+              + "\n".join(lines), file=sys.stderr)
+        return 2
+    notes = execute(grid, specs, args)
+    return finish(grid, args.out, notes)
+
+
+def add_reproduce_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("reproduce", help="a paper's table or figure: its grid with its settings")
+    p.add_argument("name", choices=list(GRIDS))
+    p.add_argument("--data-root", help="directory holding the datasets (layouts in docs/benchmarks.md)")
+    p.add_argument("--dataset", action="append", default=[], metavar="NAME=SPEC",
+                   help="where one dataset is, e.g. ham10000=medmnist:/data/ham.npz")
+    p.add_argument("--datasets", nargs="+", help="only these datasets of the grid")
+    p.add_argument("--models", nargs="+", help="only these models of the grid (paper names)")
+    p.add_argument("--methods", nargs="+", help="only these methods (labels) of the grid")
+    p.add_argument("--seeds", type=int, nargs="+", help="only these seeds of the grid")
+    p.add_argument("--model-as", action="append", default=[], metavar="[PAPER=]LOCAL",
+                   help="run another model in place of the paper's (e.g. tiny-vit for a smoke run)")
+    p.add_argument("--dry-run", action="store_true", help="print the grid, run nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: the grid as JSON")
+    p.add_argument("--resume", action="store_true", help="skip runs and cells whose results exist")
+    p.add_argument("--out", help="results directory (default runs/NAME)")
+    p.add_argument("--weights-dir", help="local weights: MODEL.safetensors or MODEL/model.safetensors")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
+    g = p.add_argument_group("overrides (default: the paper's settings)")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--lr", type=float, help="a fixed learning rate instead of the per-cell search")
+    g.add_argument("--hpo-trials", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--micro-batch", type=int, help="per-step batch; the rest is gradient accumulation")
+    g.add_argument("--image-size", type=int)
+    g.add_argument("--patience", type=int)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_dispatch)
+    return p
+
+
+def _dispatch(args) -> int:
+    args.out = args.out or f"runs/{args.name}"
+    return cmd_reproduce(args)
