@@ -58,8 +58,8 @@ def run_many(configs: list, *, resume: bool = False, say=print) -> tuple[list[di
     from .models import unsupported
     from .train import run_dir_name, run_experiment
 
-    results, notes, checked = [], [], {}
-    for i, cfg in enumerate(configs, 1):
+    results, notes, checked, runnable = [], [], {}, []
+    for cfg in configs:  # first the pairs that cannot run, so [i/n] counts only real runs
         label = cfg.label or "+".join(cfg.method if isinstance(cfg.method, list) else [cfg.method])
         key = (cfg.model, label)
         if key not in checked:
@@ -72,17 +72,19 @@ def run_many(configs: list, *, resume: bool = False, say=print) -> tuple[list[di
             if note not in notes:
                 notes.append(note)
                 say(note)
-            continue
+        else:
+            runnable.append((label, cfg))
+    for i, (label, cfg) in enumerate(runnable, 1):
         if resume and cfg.out:
             path = Path(cfg.out) / run_dir_name(cfg) / RESULT_NAME
             if path.is_file():
                 try:
                     results.append(read_result(path))
-                    say(f"[{i}/{len(configs)}] exists, skipped: {path.parent}")
+                    say(f"[{i}/{len(runnable)}] exists, skipped: {path.parent}")
                     continue
                 except BadResult as e:
                     print_warning(f"{path} {e}: running it again")
-        say(f"[{i}/{len(configs)}] {label} · {cfg.model} · {cfg.dataset} · "
+        say(f"[{i}/{len(runnable)}] {label} · {cfg.model} · {cfg.dataset} · "
             f"{cfg.data_fraction:.0%} data · seed {cfg.seed}")
         try:
             results.append(run_experiment(cfg))
@@ -98,7 +100,8 @@ def _add_training(p: argparse.ArgumentParser, demo: bool = False) -> None:
     g.add_argument("--lr", type=float)
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--batch-size", type=int)
-    g.add_argument("--image-size", type=int)
+    g.add_argument("--image-size", type=int,
+                   help="default: the model's own input size (timm's pretrained_cfg; 32 for tiny-*)")
     g.add_argument("--patience", type=int, help="early-stopping patience in epochs (0: none)")
     g.add_argument("--warmup-epochs", type=int)
     g.add_argument("--num-workers", type=int)

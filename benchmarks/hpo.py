@@ -354,7 +354,8 @@ def add_hpo_parser(subparsers) -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int)
     run.add_argument("--weight-decay", type=float, help="fixed weight decay (unless searched)")
     run.add_argument("--batch-size", type=int)
-    run.add_argument("--image-size", type=int)
+    run.add_argument("--image-size", type=int,
+                     help="default: the model's own input size (timm's pretrained_cfg; 32 for tiny-*)")
     run.add_argument("--seed", type=int, help="training seed of the search trials")
     run.add_argument("--data-fraction", type=float)
     run.add_argument("--split-seed", type=int)

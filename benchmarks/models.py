@@ -6,6 +6,7 @@ presets below: real timm classes (ResNet, VisionTransformer) small enough for CP
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 
@@ -22,6 +23,25 @@ TINY = {
                         zero_init_last=False),
     "tiny-vit": dict(patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0),
 }
+
+
+# The tiny presets' default input size: the offline demo's generated images (presets.DEMO_RUN).
+TINY_IMAGE_SIZE = 32
+
+
+def default_image_size(name: str) -> int:
+    """The input size a model's weights were trained at (timm's pretrained_cfg, no download);
+    TINY_IMAGE_SIZE for the tiny presets; 224 when timm does not say."""
+    if name in TINY:
+        return TINY_IMAGE_SIZE
+    import timm
+
+    try:  # the tag counts: convnext_tiny.fb_in22k_ft_in1k_384 is 384 px
+        cfg = timm.get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag: building the model will say so
+        cfg = None
+    size = getattr(cfg, "input_size", None)
+    return int(size[-1]) if size else 224
 
 
 class ModelError(ValueError):
@@ -47,17 +67,22 @@ def _timm(name: str, num_classes: int, image_size: int, pretrained: bool) -> nn.
     default = timm.get_pretrained_cfg(name.split(".")[0])
     if default is not None and tuple(default.input_size[1:]) != (image_size, image_size):
         kwargs["img_size"] = image_size  # ViTs take it (pos-embed resampled); CNNs don't need it
+    from peftvision.hub import offline_if_unreachable
+
     try:
-        try:
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
-        except TypeError as e:
-            if "img_size" not in str(e):
-                raise
-            kwargs.pop("img_size")
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        # An unreachable Hub: the cache is read at once, not after a minute of retries.
+        with offline_if_unreachable() if pretrained else contextlib.nullcontext() as offline:
+            try:
+                return timm.create_model(name, pretrained=pretrained, **kwargs)
+            except TypeError as e:
+                if "img_size" not in str(e):
+                    raise
+                kwargs.pop("img_size")
+                return timm.create_model(name, pretrained=pretrained, **kwargs)
     except (OSError, RuntimeError) as e:  # no network, no cache
         if pretrained:
-            raise ModelError(f"could not get pretrained weights for {name!r} ({type(e).__name__}: {e}). "
+            why = f"offline: {offline}" if offline else f"{type(e).__name__}: {e}"
+            raise ModelError(f"could not get pretrained weights for {name!r} ({why}). "
                              "Offline? Pass --weights FILE (a .safetensors/.pth state dict) or "
                              "--no-pretrained") from e
         raise

@@ -25,11 +25,22 @@ import torch
 import torch.nn.functional as F
 
 import peftvision as pv
+from peftvision.progress import enabled as progress_enabled
 
 from .data import load_dataset, spec_name, stratified_subset
+from .heads import HEADS, set_head
+from .heartbeat import Heartbeat
 from .images import DataError, ImageDataset
 from .metrics import classification_metrics
-from .models import build_model, data_config, load_weights, method_configs, method_names, needs_data
+from .models import (
+    build_model,
+    data_config,
+    default_image_size,
+    load_weights,
+    method_configs,
+    method_names,
+    needs_data,
+)
 from .results import (
     config_digest,
     environment,
@@ -38,6 +49,7 @@ from .results import (
     run_name,
     write_result,
 )
+from .timm_augment import AUGMENTS, TimmImageDataset
 
 
 @dataclass
@@ -50,7 +62,7 @@ class RunConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     batch_size: int = 32    # images per optimiser step (split into accumulation_steps micro-batches)
-    image_size: int = 224
+    image_size: int | None = None  # None: the model's own input size (see default_image_size)
     seed: int = 0
     data_fraction: float = 1.0
     warmup_epochs: int = 1
@@ -71,8 +83,15 @@ class RunConfig:
     mixed_precision: str = "auto"  # "auto" (bf16/fp16 on CUDA, none on CPU) | "no" | "fp16" | "bf16"
     quiet: bool = False
     accumulation_steps: int = 1  # gradient accumulation: batch_size // this images per forward
+    optimizer: str = "adamw"  # "adamw" | "sgd" (momentum below; SH-PEFT's protocol)
+    momentum: float = 0.9
+    steps: int | None = None  # iteration-based training: this many optimiser steps, not `epochs`
+    head: str = "linear"  # "linear" | "l2norm-linear" (benchmarks/heads.py)
+    augment: str = "paper"  # "paper" (resize + flip) | "timm" (benchmarks/timm_augment.py)
 
     def __post_init__(self) -> None:
+        if self.image_size is None:  # resolved once, so run names, results and HPO checks agree
+            self.image_size = default_image_size(self.model)
         checks = [(self.epochs >= 1, "epochs must be >= 1"), (self.batch_size >= 1, "batch_size must be >= 1"),
                   (self.image_size >= 8, "image_size must be >= 8"), (self.lr >= 0, "lr must be >= 0"),
                   (self.weight_decay >= 0, "weight_decay must be >= 0"),
@@ -81,7 +100,13 @@ class RunConfig:
                   (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
                   (self.device in ("auto", "cpu", "cuda"), "device must be auto, cpu or cuda"),
                   (self.mixed_precision in ("auto", "no", "fp16", "bf16"),
-                   "mixed_precision must be auto, no, fp16 or bf16")]
+                   "mixed_precision must be auto, no, fp16 or bf16"),
+                  (self.accumulation_steps >= 1 and self.batch_size % self.accumulation_steps == 0,
+                   "accumulation_steps must be >= 1 and divide batch_size"),
+                  (self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd"),
+                  (self.steps is None or self.steps >= 1, "steps must be >= 1 (or None: epochs)"),
+                  (self.head in HEADS, f"head must be one of {', '.join(HEADS)}"),
+                  (self.augment in AUGMENTS, f"augment must be one of {', '.join(AUGMENTS)}")]
         bad = [msg for ok, msg in checks if not ok]
         if bad:
             raise ValueError(f"RunConfig: {'; '.join(bad)}")
@@ -187,8 +212,10 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
     model = build_model(cfg.model, data.num_classes, cfg.image_size,
                         pretrained=cfg.pretrained and not cfg.weights)
     weights = load_weights(model, cfg.weights) if cfg.weights else None
+    set_head(model, cfg.head)
     norm = data_config(model)
-    make = lambda split, train: ImageDataset(split, cfg.image_size, norm["mean"], norm["std"], train)  # noqa: E731
+    images = TimmImageDataset if cfg.augment == "timm" else ImageDataset
+    make = lambda split, train: images(split, cfg.image_size, norm["mean"], norm["std"], train)  # noqa: E731
     train_set = make(train_split, True)
     train_loader = _loader(train_set, cfg, True, cfg.seed, train=True)
     val_loader = _loader(make(data.splits["val"], False), cfg, False, cfg.seed)
@@ -204,12 +231,15 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
         f"({report.percent:.3f}%), train {len(train_split)} / val {len(data.splits['val'])} / "
         f"test {len(data.splits['test'])} images")
 
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    groups = _param_groups(model, cfg.weight_decay)
+    optimizer = (torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum) if cfg.optimizer == "sgd"
+                 else torch.optim.AdamW(groups, lr=cfg.lr))
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
     accumulate = cfg.accumulation_steps
     steps_per_epoch = max(1, math.ceil(len(train_loader) / accumulate))  # optimiser steps
-    total = cfg.epochs * steps_per_epoch
+    epochs = cfg.epochs if cfg.steps is None else math.ceil(cfg.steps / steps_per_epoch)
+    total = cfg.steps or epochs * steps_per_epoch
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total // 2)  # a short run still decays
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, warmup))
     reset_peak_memory(device)
@@ -217,12 +247,19 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
     history, best, best_f1, best_epoch, stale = [], None, -math.inf, 0, 0
     stopped_early = False
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        done = 0  # optimiser steps taken
+        for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
             model.train()
             losses = []
-            bar = tqdm(train_loader, desc=f"{label} epoch {epoch}/{cfg.epochs}", leave=False,
-                       disable=None if accelerator.is_main_process and not cfg.quiet else True)
+            show = accelerator.is_main_process and not cfg.quiet
+            bar = tqdm(train_loader, desc=f"{label} epoch {epoch}/{epochs}", leave=False,
+                       disable=not (show and progress_enabled()))
+            # no bar (a log file, a pipe): a line every 30 s instead of silence
+            beat = Heartbeat(active=show and bar.disable)
+            if epoch == 1 and beat.active:
+                say(f"[{label}] epoch 1/{epochs}: {steps_per_epoch} optimiser steps (the first "
+                    "epoch also decodes the images)")
             n, full = len(train_loader), len(train_loader) // accumulate * accumulate
             for i, (x, y) in enumerate(bar):
                 # accumulation: with equal micro-batches the summed gradients are the full batch's
@@ -233,8 +270,14 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
+                    done += 1
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if beat.due():
+                    say(f"[{label}] epoch {epoch}/{epochs}: batch {i + 1}/{n}, "
+                        f"loss {losses[-1]:.4f}, {time.perf_counter() - t0:.0f} s")
+                if done >= total:  # iteration-based: the last epoch stops mid-way
+                    break
             val = evaluate(model, val_loader, accelerator, data.num_classes)
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else None,
                             "val_macro_f1": val["macro_f1"], "val_accuracy": val["accuracy"],
@@ -249,7 +292,7 @@ def run_experiment(cfg: RunConfig, on_epoch: Callable[[int, float], None] | None
             if on_epoch is not None:
                 on_epoch(epoch, val["macro_f1"])
             if cfg.patience > 0 and stale >= cfg.patience:
-                stopped_early = epoch < cfg.epochs
+                stopped_early = epoch < epochs
                 break
         train_time = time.perf_counter() - start
         unwrapped = accelerator.unwrap_model(model)

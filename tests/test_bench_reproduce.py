@@ -209,3 +209,93 @@ def test_reduced_table2_end_to_end_with_hpo(tmp_path, capsys):
     assert main(args + ["--resume"]) == 0
     assert "exists, skipped" in capsys.readouterr().out
 
+
+
+def test_l2norm_head_normalises_features_before_the_linear_layer():
+    from benchmarks.heads import set_head
+    from tests.models import tiny_vit
+
+    torch.manual_seed(0)
+    model = set_head(tiny_vit(), "l2norm-linear").eval()
+    x = torch.randn(2, 3, 32, 32)
+    features = model.forward_head(model.forward_features(x), pre_logits=True)  # (B, D)
+    linear = model.get_classifier()[1]
+    expected = linear(features / features.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ValueError, match="unknown head"):
+        set_head(tiny_vit(), "cosine")
+
+
+def test_reduced_shpeft_table1_runs_sgd_for_the_given_iterations(tmp_path):
+    data = write_medmnist(tmp_path / "busi.npz", sizes=(48, 16, 16))
+    out = tmp_path / "sh"
+    assert main(["reproduce", "shpeft-table1", "--out", str(out), "--datasets", "breastus",
+                 "--dataset", f"breastus=medmnist:{data}", "--model-as", "tiny-vit", "--no-pretrained",
+                 "--methods", "linear", "shpeft", "--seeds", "0", "--steps", "5", "--batch-size", "16",
+                 "--image-size", "32", "--quiet"]) == 0
+    results = {r["method"]["label"]: r for r in (json.loads(p.read_text()) for p in out.rglob("result.json"))}
+    assert set(results) == {"linear", "shpeft"}
+    for r in results.values():
+        c = r["config"]
+        assert (c["optimizer"], c["head"], c["steps"], c["lr"]) == ("sgd", "l2norm-linear", 5, 1e-3)
+        assert r["metrics"]["epochs_run"] == 2  # 48 images / 16 = 3 steps an epoch: 3 + 2
+
+
+def _row(model, dataset, method, f1, trainable=1000):
+    return {"dataset": dataset, "dataset_size": {"train": 10, "val": 2, "test": 3}, "model": model,
+            "pretrained": True, "method": method, "fraction": 1.0, "seed": 0, "f1": f1,
+            "accuracy": f1, "auroc": None, "trainable": trainable, "method_params": trainable,
+            "total": 10**6, "wall_time_s": 1.0}
+
+
+def test_table3_rank_is_one_average_over_every_encoder_and_dataset():
+    from benchmarks.reproduce.outputs import combined_ranks, table3_markdown
+
+    rows = [_row("A", "d1", "x", .9), _row("A", "d1", "y", .8), _row("A", "d2", "x", .7),
+            _row("A", "d2", "y", .8), _row("B", "d1", "x", .9), _row("B", "d1", "y", .5),
+            _row("B", "d2", "x", .9), _row("B", "d2", "y", .1)]
+    ranks, pairs = combined_ranks(rows)
+    assert ranks == {"x": 1.25, "y": 1.75} and len(pairs) == 4  # per encoder: A 1.5/1.5, B 1/2
+    text = table3_markdown(rows)
+    assert "| x | 1.25 |" in text and "macro-F1 is our choice".lower() in text.lower()
+
+
+def test_figure3_marker_size_grows_with_parameters(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from benchmarks.reproduce.outputs import figure3
+
+    sizes = []
+    orig = matplotlib.axes.Axes.scatter
+
+    def spy(self, x, y, s=None, **kw):
+        sizes.append((x, s))
+        return orig(self, x, y, s=s, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", spy)
+    rows = [_row("A", "d1", "small", .7, 10), _row("A", "d1", "big", .8, 10**6)]
+    paths = figure3(rows, tmp_path)
+    assert all(p.is_file() for p in paths) and paths[0].name == "figure3_sized.png"
+    by_params = dict(sizes)
+    assert by_params[10**6] > by_params[10]
+
+
+def test_timm_augment_option_uses_timm_transforms_and_the_default_stays_the_papers(tmp_path):
+    from benchmarks.data import load_dataset
+    from benchmarks.images import ImageDataset
+    from benchmarks.timm_augment import TimmImageDataset
+    from benchmarks.train import RunConfig, run_experiment
+
+    data = write_medmnist(tmp_path / "tex.npz", sizes=(16, 8, 8))
+    split = load_dataset(f"medmnist:{data}").splits["train"]
+    mean, std = (0.5,) * 3, (0.5,) * 3
+    torch.manual_seed(0)
+    train = TimmImageDataset(split, 32, mean, std, train=True)
+    a, b = train[0][0], train[0][0]
+    assert a.shape == (3, 32, 32) and not torch.equal(a, b)  # random crops / RandAugment
+    x = TimmImageDataset(split, 32, mean, std, train=False)[0][0]
+    torch.testing.assert_close(x, ImageDataset(split, 32, mean, std)[0][0], atol=0.05, rtol=0)  # same image
+    assert RunConfig(dataset="demo", model="tiny-vit", method="lora").augment == "paper"
+    r = run_experiment(RunConfig(dataset=f"medmnist:{data}", model="tiny-vit", method="lora", pretrained=False,
+                                 image_size=32, epochs=1, batch_size=8, augment="timm", quiet=True, device="cpu"))
+    assert r["config"]["augment"] == "timm"

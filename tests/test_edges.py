@@ -8,8 +8,6 @@ from pathlib import Path
 
 import peftvision as pv
 
-API_DOC = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "peftvision"
 
@@ -58,21 +56,13 @@ def test_hub_and_checkpoint_do_not_import_each_other():
     assert reachable(graph, "peftvision.sharing") >= {"peftvision.checkpoint", "peftvision.hub"}
 
 
-# documented public helper modules (docs/api.md), beside the names in peftvision.__all__
-PUBLIC_MODULES = ("progress",)
-
-
-def is_public(module: str) -> bool:
-    name = module.removeprefix("peftvision.")
-    return name in pv.__all__ or name.split(".")[0] in PUBLIC_MODULES
-
-
 def test_benchmarks_use_only_the_public_api():
     offenders = []
     for path in sorted((ROOT / "benchmarks").rglob("*.py")):
         text = path.read_text()
         private = sorted(m for m in imported_modules(path, "benchmarks")
-                         if m.startswith("peftvision.") and not is_public(m))
+                         if m.startswith("peftvision.")
+                         and m.removeprefix("peftvision.").split(".")[0] not in pv.__all__)
         if private or "_peftvision_state" in text:
             offenders.append(f"{path.relative_to(ROOT)}: {private or '_peftvision_state'}")
     assert not offenders, offenders
@@ -95,8 +85,3 @@ def test_lora_interop_lives_with_lora():
 def test_einops_the_declared_dependency_is_used():
     users = [p.name for p in PACKAGE.rglob("*.py") if "einops" in imported_modules(p, "peftvision")]
     assert len(users) >= 2, users
-
-
-def test_public_helper_modules_are_documented():
-    for module in PUBLIC_MODULES:
-        assert f"peftvision.{module}" in API_DOC, module

@@ -14,6 +14,8 @@ from .grid import Grid, Run
 
 # Dataset specs under --data-root (the layouts the user downloads; see docs/benchmarks.md).
 EXTRA_DATASETS = {
+    "ham10000": ("csv:{root}/ham10000/labels.csv", "HAM10000: labels.csv written by `python -m "
+                 "benchmarks.datasets ham10000 DOWNLOAD_DIR --out ROOT/ham10000/labels.csv`"),
     "rsna-pneumonia": ("csv:{root}/rsna-pneumonia/labels.csv",
                        "RSNA Pneumonia: labels.csv with path,label rows (images converted from DICOM)"),
     "mimic-cxr": ("mimic-cxr:{root}/mimic-cxr", "MIMIC-CXR-JPG with reports (text-to-image)"),
@@ -30,10 +32,10 @@ def dataset_specs(names, data_root: str | None, given: dict[str, str]) -> dict[s
             out[n] = given[n]
         elif data_root is None:
             out[n] = None
+        elif n in EXTRA_DATASETS:  # the published layouts (benchmarks/datasets/) first
+            out[n] = EXTRA_DATASETS[n][0].format(root=str(data_root).rstrip("/"))
         elif n in DATASETS:
             out[n] = DATASETS[n].spec.format(root=str(data_root).rstrip("/"))
-        elif n in EXTRA_DATASETS:
-            out[n] = EXTRA_DATASETS[n][0].format(root=str(data_root).rstrip("/"))
         else:
             out[n] = None
     return out
@@ -42,7 +44,9 @@ def dataset_specs(names, data_root: str | None, given: dict[str, str]) -> dict[s
 def layout(name: str) -> str:
     from ..presets import DATASETS
 
-    return DATASETS[name].layout if name in DATASETS else EXTRA_DATASETS.get(name, ("", "given with --dataset"))[1]
+    if name in EXTRA_DATASETS:
+        return EXTRA_DATASETS[name][1]
+    return DATASETS[name].layout if name in DATASETS else "given with --dataset"
 
 
 def _model_map(items: list[str], models) -> dict[str, str]:
@@ -56,7 +60,7 @@ def _model_map(items: list[str], models) -> dict[str, str]:
 
 def apply_overrides(grid: Grid, args) -> Grid:
     """The command line's changes to every run (reduced runs, other hardware)."""
-    changes = {k: getattr(args, k) for k in ("epochs", "image_size", "batch_size", "micro_batch", "steps")
+    changes = {k: getattr(args, k) for k in ("image_size", "batch_size", "micro_batch")
                if getattr(args, k, None) is not None}
     if args.lr is not None:
         changes["lr"] = args.lr
@@ -66,6 +70,11 @@ def apply_overrides(grid: Grid, args) -> Grid:
     runs = []
     for r in grid.runs:
         c = dict(changes)
+        # --epochs shortens epoch-based runs, --steps iteration-based ones (SH-PEFT)
+        if args.epochs is not None and r.steps is None:
+            c["epochs"] = args.epochs
+        if args.steps is not None and r.steps is not None:
+            c["steps"] = args.steps
         if "batch_size" in c and "micro_batch" not in c:
             c["micro_batch"] = min(r.micro_batch, c["batch_size"])
         if r.model in models:
@@ -106,24 +115,20 @@ def run_config(r: Run, spec: str, args):
     from ..presets import weights_for
     from ..train import RunConfig
 
-    unsupported = [what for what, bad in (("optimizer " + r.optimizer, r.optimizer != "adamw"),
-                                          ("iteration-based training", r.steps is not None),
-                                          ("the " + r.head + " head", r.head != "linear")) if bad]
-    if unsupported:
-        raise SystemExit(f"{r.grid}: {', '.join(unsupported)} are not in the runner yet; "
-                         "`--dry-run` prints the grid")
     pretrained = r.weights != "none"
     split = r.split
     return RunConfig(dataset=spec, model=r.model, method=list(r.method) if len(r.method) > 1 else r.method[0],
-                     method_options=dict(r.options), epochs=r.epochs, lr=r.lr if r.lr != "hpo" else 1e-3,
+                     method_options=dict(r.options), epochs=r.epochs or 1, steps=r.steps,
+                     optimizer=r.optimizer, head=r.head, lr=r.lr if r.lr != "hpo" else 1e-3,
+                     warmup_epochs=1 if r.schedule == "warmup-cosine" else 0,
                      weight_decay=r.weight_decay, batch_size=r.batch_size,
                      accumulation_steps=r.accumulation, image_size=r.image_size, seed=r.seed,
                      data_fraction=r.fraction, val_fraction=split.get("val", 0.1),
                      test_fraction=split.get("test", 0.2), pretrained=pretrained,
                      weights=weights_for(r.model, args.weights_dir) if pretrained else None,
                      out=args.out, label=r.label, dataset_name=r.dataset, quiet=args.quiet,
-                     device=args.device, num_workers=args.num_workers,
-                     patience=args.patience if args.patience is not None else 5)
+                     device=args.device, num_workers=args.num_workers, augment=args.augment,
+                     patience=args.patience if args.patience is not None else r.patience)
 
 
 def execute(grid: Grid, specs: dict, args) -> list[str]:
@@ -225,6 +230,8 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--micro-batch", type=int, help="per-step batch; the rest is gradient accumulation")
     g.add_argument("--image-size", type=int)
     g.add_argument("--patience", type=int)
+    g.add_argument("--augment", choices=["paper", "timm"], default="paper",
+                   help="paper: resize + flip (default); timm: timm.data.create_transform's recipe")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--threads", type=int, help="torch CPU threads")

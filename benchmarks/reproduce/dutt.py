@@ -67,7 +67,12 @@ CHOICES = (
            "bottlenecks 5 and 6 (0.12/0.32/0.53M) both round to the paper's figures; 5 has the "
            "smaller largest relative error (10% vs 20%)"),
     Choice("lora", "0.6/1.5/2.6M on ViT-B/L/H", "r=16 on q and v: 0.59/1.57/2.62M",
-           "the only rank and placement that give all three figures"),
+           "one rank for all three encoders; the figures are these rounded (0.6, 2.6) or truncated "
+           "(1.5): no single rank matches all three under one rounding rule"),
+    Choice("attention", "`.attn.` parameters and `pos_embed` (appendix listing; 28.5M on ViT-B)",
+           "attention with extra_params=['pos_embed']: 28.50M on ViT-B", "as listed"),
+    Choice("other method settings", "not given for the other methods (ResNet-50 LoRA, SSF, TSA, "
+           "VPT tokens, ...)", "the library defaults (docs/methods.md)", "no figure to match"),
     Choice("f1", "F1 (averaging not stated)", "macro-F1", "class-balanced, the usual choice "
            "for imbalanced medical sets; our choice, not the paper's statement"),
     Choice("image size", "224 (the encoders' native size)", "224", "ViT-H/14 also at 224"),

@@ -52,6 +52,7 @@ class Run:
     head: str  # "linear" | "l2norm-linear"
     image_size: int = 224
     hpo_trials: int | None = None
+    patience: int = 5  # early stopping on val macro-F1 in epochs (0: none); the best epoch is tested
     task: str = "classification"  # or "text-to-image"
     extra: dict = field(default_factory=dict)  # task-specific settings (FID images, prompts, ...)
 

@@ -31,11 +31,13 @@ CHOICES = (
     Choice("split", "fixed splits, e.g. BUSI 559/79/160 (798 images; our BUSI has 780)",
            "stratified 70/10/20 with split seed 0 (BUSI 546/78/156)", "559/79/160 is 70/10/20; "
            "the published BUSI has 780 images, so the counts cannot match exactly"),
-    Choice("encoder", "ViT-B/16 (pretraining source as the paper's Table 1)", MODEL,
-           "our reading; swap with --model-as"),
+    Choice("encoder", "a ViT-B/16 (its pretraining source could not be confirmed here)", MODEL,
+           "the earlier preset's reading; swap with --model-as"),
     Choice("momentum", "SGD (momentum not stated here)", "momentum 0.9, weight decay 0",
            "the usual SGD fine-tuning setting"),
     Choice("seeds", "not confirmed", "seeds 0, 1, 2", "as Dutt et al."),
+    Choice("model selection", "not confirmed", "all 40k iterations (no early stopping), validation "
+           "after every epoch, the best-validation weights tested", "as the Dutt et al. grids"),
     Choice("budget sweep", "Figure 4 sweeps the share of tuned weights (points not confirmed)",
            ", ".join(f"{b:g}" for b in BUDGETS), "log-spaced around the 1% default"),
     Choice("ablation values", "λ, L1 vs L2 estimator, 'I_ta only' (Tables 4-5)",
@@ -48,7 +50,7 @@ def _run(grid: str, dataset: str, seed: int, label: str, method, options) -> Run
     return Run(grid=grid, dataset=dataset, model=MODEL, weights="hub", method=method, label=label,
                options=options, optimizer="sgd", weight_decay=0.0, batch_size=64, micro_batch=64,
                lr=1e-3, schedule="cosine", epochs=None, steps=40_000, seed=seed, fraction=1.0,
-               split=SPLIT, head="l2norm-linear")
+               split=SPLIT, head="l2norm-linear", patience=0)
 
 
 def _grid(grid: str, methods) -> tuple[Run, ...]:

@@ -49,7 +49,7 @@ class PromptTokens(PromptLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def _with_prompts(self, x: Tensor) -> Tensor:  # x: (B, N, D)
-        prompts = repeat(self.dropout(self.prompts.to(x.dtype)), "1 p d -> b p d", b=x.shape[0])  # (B, P, D), a view
+        prompts = repeat(self.dropout(self.prompts.to(x.dtype)), "1 p d -> b p d", b=x.shape[0])  # (B, P, D)
         rest = x[:, self.offset + self.tokens:] if self.replace else x[:, self.offset:]
         return torch.cat([x[:, :self.offset], prompts, rest], dim=1)  # (B, N (+P), D)
 
