@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from . import progress  # public module: the progress bars (PEFTVISION_PROGRESS=0/1)
+from . import hub, progress  # public modules: Hub transfer of folders; progress bars
 from .api import apply, config, merge, unload, unmerge
 from .checkpoint import load_adapter, save_adapter
 from .errors import (
@@ -29,5 +29,5 @@ __all__ = [
     "applied", "AppliedRecord", "MethodRecord", "create_model", "load_local_weights",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
     "UnsupportedArchitectureError", "MergeError", "NotAppliedError", "AdapterLoadError", "CorruptAdapterError",
-    "OfflineError", "progress",
+    "OfflineError", "progress", "hub",
 ]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .state import get_state
+from .wrappers import unwrap
 
 if TYPE_CHECKING:
     from .methods.base import Method
@@ -42,6 +43,7 @@ class AppliedRecord:
     base_model: Mapping[str, Any]  # the base model's identity (class, name, fingerprint)
     train_head: bool
     fast_conv_bias: bool  # apply(..., fast_conv_bias=): whether convs may get the bias fast path
+    keep_original: bool  # apply(..., keep_original=): whether unload(merge=False) restores bitwise
     head: tuple[str, ...]  # canonical names of the head parameters trained whole
     methods: tuple[MethodRecord, ...]  # in the order they were applied
 
@@ -57,9 +59,8 @@ class AppliedRecord:
 
 
 def applied(model: nn.Module) -> AppliedRecord | None:
-    """The record of what peftvision applied to `model`, or None when nothing is applied."""
-    from .wrappers import unwrap
-
+    """The record of what peftvision applied to `model` (seen through torch.compile and
+    (Distributed)DataParallel wrappers), or None when nothing is applied."""
     model = unwrap(model)
     state = get_state(model)
     if state is None:
@@ -79,6 +80,7 @@ def applied(model: nn.Module) -> AppliedRecord | None:
         base_model=MappingProxyType(dict(state.base_identity)),
         train_head=state.train_head,
         fast_conv_bias=state.fast_conv_bias,
+        keep_original=state.keep_original,
         head=tuple(state.head),
         methods=methods,
     )

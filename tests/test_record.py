@@ -72,6 +72,9 @@ def test_applied_records_what_apply_decided():
     assert record.base_model["class"].endswith(".VisionTransformer")
     with pytest.raises(KeyError, match="applied: \\['bias', 'lora'\\]"):
         record.method("ssf")
+    compiled = torch.compile(model)  # seen through training wrappers, as apply does
+    assert pv.applied(compiled).names == record.names
+    assert pv.applied(torch.nn.DataParallel(model)).names == record.names
     pv.unload(model)
     assert pv.applied(model) is None
 

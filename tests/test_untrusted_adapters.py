@@ -18,7 +18,6 @@ from safetensors.torch import load_file, save_file
 import peftvision as pv
 from peftvision import AdapterLoadError, ConfigError, CorruptAdapterError
 from peftvision.methods import lora as lora_module
-from peftvision.state import STATE_ATTR
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -52,7 +51,7 @@ def refused(folder, exc_type, *phrases, model=None):
         pv.load_adapter(model, folder)
     for phrase in phrases:
         assert phrase in str(info.value), str(info.value)
-    assert not hasattr(model, STATE_ATTR)
+    assert pv.applied(model) is None
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
@@ -184,7 +183,7 @@ def test_apply_with_no_method_is_a_config_error(method):
     model = make_model("vit")
     with pytest.raises(ConfigError, match="method must be a name"):
         pv.apply(model, method)
-    assert not hasattr(model, STATE_ATTR)
+    assert pv.applied(model) is None
     assert all(p.requires_grad for p in model.parameters())
 
 
@@ -193,7 +192,7 @@ def test_train_head_must_be_a_bool(value):
     model = make_model("vit")
     with pytest.raises(ConfigError, match="train_head must be True, False or None"):
         pv.apply(model, "lora", train_head=value)
-    assert not hasattr(model, STATE_ATTR)
+    assert pv.applied(model) is None
 
 
 # ---- models inside wrappers ----------------------------------------------------------------
@@ -225,7 +224,7 @@ def test_every_entry_point_sees_through_wrappers(tmp_path, kind, wrap):
     pv.merge(wrapped)
     pv.unmerge(wrapped)
     assert pv.unload(wrapped) is wrapped
-    assert not hasattr(model, STATE_ATTR)
+    assert pv.applied(model) is None
 
 
 def test_ddp_wrapped_model(tmp_path):
