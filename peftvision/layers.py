@@ -28,6 +28,8 @@ from torch.nn.utils.weight_norm import WeightNorm
 
 from .errors import MergeError
 
+HALF = (torch.float16, torch.bfloat16)
+
 
 class Adapter(nn.Module):
     """Marker base class of every module peftvision inserts into a model."""
@@ -239,7 +241,6 @@ class DenseDeltaLayer(AdditiveDeltaLayer):
 
 
 # -- the dtype of new adapter parameters (apply's `adapter_dtype`) --------------------------------
-HALF = (torch.float16, torch.bfloat16)
 _ADAPTER_DTYPE: ContextVar[torch.dtype | str | None] = ContextVar("adapter_dtype", default=None)
 
 

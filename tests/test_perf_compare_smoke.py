@@ -34,6 +34,9 @@ def test_compare_benchmark_tiny(tmp_path, capsys):
         unloaded = lora["infer"]["unloaded"]
         assert unloaded["structure_equal_base"] and unloaded["cpu_vs_base"] > 0
         assert lora["infer"]["merged"]["max_rel_diff"] < 1e-4  # merged == unmerged outputs
+        for r in (lora, peer):  # merge cost side by side: timed unmerge + merge cycles
+            merged = r["infer"]["merged"]
+            assert len(merged["merge_cpu_s"]) == len(merged["unmerge_cpu_s"]) == 7
     unet = {r["label"]: r for r in data["models"]["unet-tiny"]["rows"]}
     assert unet["full"]["group"] == 1 and "frozen@1" in unet  # the solo group, own reference
     assert unet["full"]["cpu_vs_lora"] > 0
@@ -50,6 +53,7 @@ def test_compare_benchmark_tiny(tmp_path, capsys):
 
     text = md.read_text()
     assert text.startswith("# Performance") and "| lora |" in text and "peft:lora" in text
+    assert "LoRA merge <= 1.00x peft" in text and "LoRA unmerge <= 1.00x peft" in text
     # rendering again from the JSON alone gives the same document
     compare.main(["--render", "--out", str(out), "--markdown", str(tmp_path / "again.md")])
     assert (tmp_path / "again.md").read_text() == text

@@ -347,6 +347,21 @@ class Subject:
         common.release_memory()
         return {"wall": wall, "cpu": cpu, **info}
 
+    def _merge_cycles(self, reps: int = 7) -> dict[str, list[float]]:
+        """CPU seconds of `reps` unmerge + merge cycles of the merged model (left merged)."""
+        if self.variant.library == "peft":
+            merge, unmerge = self.model.merge_adapter, self.model.unmerge_adapter
+        else:
+            merge, unmerge = (lambda: pv.merge(self.model)), (lambda: pv.unmerge(self.model))
+        times: dict[str, list[float]] = {"unmerge_cpu_s": [], "merge_cpu_s": []}
+        for _ in range(reps):
+            for key, fn in (("unmerge_cpu_s", unmerge), ("merge_cpu_s", merge)):
+                c0 = time.process_time()
+                fn()
+                _sync(self.device)
+                times[key].append(time.process_time() - c0)
+        return times
+
     def _enter(self, mode: str) -> dict[str, Any]:
         """Move to `mode` (unmerged -> merged -> unloaded), timing the change."""
         v, info = self.variant, {}
@@ -374,6 +389,8 @@ class Subject:
                 info["structure_diff"] = str(next((g, w) for g, w in zip(got + [None], want + [None])
                                                   if g != w))
         info["enter_s"] = time.perf_counter() - t0
+        if mode == "merged" and v.library != "reference":
+            info.update(self._merge_cycles())
         self.mode = mode
         return info
 
@@ -578,7 +595,8 @@ def run_inference(args, case: Case, workers: dict[str, Worker], rows: dict[str, 
                     group.remove(v)
                     continue
                 rec = rows[v.label]["infer"].setdefault(mode, {"times_s": [], "cpu_s": []})
-                for key in ("enter_s", "max_rel_diff", "structure_equal_base", "structure_diff"):
+                for key in ("enter_s", "max_rel_diff", "structure_equal_base", "structure_diff",
+                            "merge_cpu_s", "unmerge_cpu_s"):
                     if key in r and key not in rec:
                         rec[key] = r[key]
                 if i >= warm:

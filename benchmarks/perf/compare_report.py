@@ -7,7 +7,7 @@ from typing import Any
 
 from . import common
 
-TARGETS = {"step_vs_peft": 1.00, "peak_vs_peft": 1.00, "merged_vs_base": 1.01,
+TARGETS = {"step_vs_peft": 1.00, "peak_vs_peft": 1.00, "merged_vs_base": 1.01, "merge_vs_peft": 1.00,
            "selective_vs_frozen": 1.05, "apply_s": 1.0,
            # issue 16: every method at its floor
            "ssf_peak_vs_lora": 1.05, "svdiff_step_vs_lora": 1.4, "svdiff_unmerged_vs_base": 1.1,
@@ -99,6 +99,14 @@ def evaluate_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{_mb(r.get('peak_rss_mb'))} vs {_mb(peer.get('peak_rss_mb'))} MiB peak RSS; above "
                     f"the common {base:,.0f} MiB import baseline: "
                     f"{_mb(_minus(r.get('peak_rss_mb'), base))} vs {_mb(_minus(peer.get('peak_rss_mb'), base))}")
+        lora_merged = by.get("lora", {}).get("infer", {}).get("merged", {})
+        peft_merged = by.get("peft:lora", {}).get("infer", {}).get("merged", {})
+        for key, what in (("merge_cpu_s", "merge"), ("unmerge_cpu_s", "unmerge")):
+            ours, theirs = lora_merged.get(key), peft_merged.get(key)
+            if ours and theirs:
+                add(f"LoRA {what} <= 1.00x peft", name, _ratio(common.median(ours), common.median(theirs)),
+                    TARGETS["merge_vs_peft"], f"CPU s: peftvision {_range(ours)}, peft {_range(theirs)}",
+                    (ours, theirs))
         if entry["arch"] == "vit":  # the issue's rows are measured on ViT-B
             floor_targets(by, name, add)
         frozen_infer = by.get("frozen", {}).get("infer", {})
