@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..layers import AdapterLayer
 from ..registry import register_method
-from ..targets import VIT, _loaded_class
+from ..targets import _loaded_class
 from .base import ApplyContext, Method, number_in, positive_int
 
 
@@ -67,7 +67,8 @@ class AdaptFormer(Method):
     name: ClassVar[str] = "adaptformer"
     kind: ClassVar[str] = "additive"
     mergeable: ClassVar[bool] = False
-    architectures: ClassVar = (VIT,)
+    architectures: ClassVar = ()
+    placed: ClassVar[bool] = True  # every transformer MLP of the registered families (families.py)
     summary: ClassVar[str] = "bottleneck branch s·up(ReLU(down(x))) parallel to each ViT MLP"
     paper: ClassVar[str] = "Chen et al., NeurIPS 2022"
 

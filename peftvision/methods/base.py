@@ -11,11 +11,19 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from ..architectures import GENERIC, Architecture, architectures, get_architecture
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdapterLayer
 from ..state import PeftState
 from ..surgery import Journal, wrap_module
-from ..targets import ARCHITECTURES, TargetSpec, check_target_spec, find_targets
+from ..targets import (
+    ARCHITECTURES,
+    NAMED_SETS,
+    TargetSpec,
+    check_target_spec,
+    find_targets,
+    iter_base_modules,
+)
 
 
 @dataclass
@@ -26,7 +34,12 @@ class Method:
     aliases: ClassVar[tuple[str, ...]] = ()
     kind: ClassVar[str] = "selective"  # "selective" (chooses parameters) or "additive" (adds modules)
     mergeable: ClassVar[bool] = True
+    # "generic" here: runs on any model (with explicit targets where no placement exists)
     architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+    # placed methods take their default targets from the architecture registry (`placements`);
+    # the others run on the whole model (bias, norm, SV-Diff...) where the family has `needs`
+    placed: ClassVar[bool] = False
+    needs: ClassVar[str | None] = None  # a trait of the family, e.g. "batchnorm"
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
 
@@ -46,10 +59,23 @@ class Method:
         raise NotImplementedError
 
     def default_targets(self, ctx: ApplyContext) -> TargetSpec:
-        if ctx.architecture not in self.presets:
-            raise UnsupportedArchitectureError(
-                f"{self.name} on a {ctx.architecture} model needs targets=[...] ({self.targets_hint})")
-        return self.presets[ctx.architecture]
+        spec = ctx.placement(self)
+        if spec is None:
+            raise ctx.refusal(self, (
+                f" with no targets (no default placement on this family). Pass targets=[...] "
+                f"({self.targets_hint}) or a named set ({', '.join(repr(n) for n in NAMED_SETS)}); "
+                f"modules of this model include: {ctx.example_names()}"))
+        return spec
+
+    @classmethod
+    def runs_on(cls, arch: Architecture) -> bool:
+        """Whether this method applies with no targets to a model of family `arch`."""
+        if cls.name in arch.placements or arch.name in cls.presets:
+            return True
+        if cls.placed or arch.name == GENERIC:
+            return False
+        generic = GENERIC in cls.architectures or arch.name in cls.architectures
+        return generic and (cls.needs is None or cls.needs in arch.traits)
 
     def target_spec(self, ctx: ApplyContext) -> TargetSpec:
         """The user's targets, else the preset for the model's architecture."""
@@ -71,7 +97,9 @@ class Method:
     def info(cls):
         from ..registry import MethodInfo
 
-        return MethodInfo(cls.name, cls.aliases, cls.kind, cls.mergeable, cls.architectures,
+        families = tuple(name for name, arch in architectures().items() if cls.runs_on(arch))
+        generic = (GENERIC,) if GENERIC in cls.architectures else ()
+        return MethodInfo(cls.name, cls.aliases, cls.kind, cls.mergeable, families + generic,
                           cls.summary, cls.paper)
 
 
@@ -136,12 +164,41 @@ class ApplyContext:
         self.journal = journal
         self.head_modules = head  # canonical names of the classifier head modules
 
+    @property
+    def arch(self) -> Architecture:
+        return get_architecture(self.architecture)
+
+    def placement(self, method: Method) -> TargetSpec:
+        """`method`'s default targets on this model's family (None: it has none)."""
+        spec = self.arch.placement(method.name, self.model)
+        return spec if spec is not None else method.presets.get(self.architecture)
+
+    def example_names(self, count: int = 8) -> str:
+        """Real module names of the model, to show in an error (layers with weights first)."""
+        names = [n for n, m in iter_base_modules(self.model)
+                 if n and isinstance(getattr(m, "weight", None), nn.Parameter)]
+        return ", ".join(names[:count]) or "(none with weights)"
+
     def require_architecture(self, method: Method, supported: Iterable[str] | None = None) -> None:
-        supported = tuple(supported or method.architectures)
-        if self.architecture not in supported:
-            raise UnsupportedArchitectureError(
-                f"method {method.name!r} does not support {type(self.model).__name__} "
-                f"(architecture {self.architecture!r}); it supports: {', '.join(supported)}")
+        """Refuse a method this model's family does not support (checked once, by apply)."""
+        arch = self.arch
+        if supported is not None:
+            ok = self.architecture in tuple(supported)
+        else:
+            explicit = getattr(method, "targets", None) is not None
+            ok = (type(method).runs_on(arch)
+                  or (GENERIC in method.architectures and (explicit or arch.name == GENERIC
+                                                            or method.placed and hasattr(method, "targets"))))
+        if not ok:
+            why = f" (it needs {method.needs!r} layers)" if method.needs else ""
+            raise self.refusal(method, why)
+
+    def refusal(self, method: Method, why: str) -> UnsupportedArchitectureError:
+        supported = type(method).info().architectures
+        return UnsupportedArchitectureError(
+            f"method {method.name!r} does not support {type(self.model).__name__} (architecture "
+            f"{self.architecture!r}){why}; it supports: {', '.join(supported) or 'none'}"
+            + (" (generic: any model, with explicit targets)" if GENERIC in supported else ""))
 
     def find(self, method: Method, spec: TargetSpec, allowed=(nn.Module,), exclude_head=True):
         exclude = sorted(self.head_modules) if exclude_head else ()

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..errors import UnsupportedArchitectureError
 from ..layers import AdapterLayer
 from ..registry import register_method
-from ..targets import GENERIC, NORM_TYPES, UNET, _loaded_class
+from ..targets import GENERIC, NORM_TYPES, _loaded_class
 from .base import ApplyContext, Method, parameters_under
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -98,7 +98,8 @@ class DiffFit(Method):
 
     name: ClassVar[str] = "difffit"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (UNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True  # families with BasicTransformerBlocks (families.py), or any model that has them
     summary: ClassVar[str] = "bias + norm tuning and per-channel scales γ on transformer-block branches and q/k/v/out"
     paper: ClassVar[str] = "Xie et al., ICCV 2023"
 

@@ -17,16 +17,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..layers import AdditiveDeltaLayer
 from ..registry import register_method
-from ..targets import (
-    GENERIC,
-    RESNET,
-    RESNET_BLOCK_CONVS,
-    UNET,
-    UNET_ATTENTION_PROJ,
-    VIT,
-    VIT_QKV,
-    TargetSpec,
-)
+from ..targets import GENERIC, TargetSpec
 from .base import ApplyContext, Method, number_in, positive_int
 
 QKV = "qkv"
@@ -155,10 +146,10 @@ class LoRA(Method):
 
     name: ClassVar[str] = "lora"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (VIT, RESNET, UNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True  # defaults: the architecture registry (families.py)
     summary: ClassVar[str] = "low-rank ΔW = (alpha/r)·B·A on Linear/Conv layers (ViT qkv by default)"
     paper: ClassVar[str] = "Hu et al., ICLR 2022"
-    presets: ClassVar = {VIT: VIT_QKV, RESNET: RESNET_BLOCK_CONVS, UNET: UNET_ATTENTION_PROJ}
     targets_hint: ClassVar[str] = "module names, a regex, or types such as nn.Linear"
 
     def validate(self) -> None:

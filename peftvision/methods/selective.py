@@ -7,18 +7,9 @@ from typing import ClassVar
 
 from torch import nn
 
-from ..errors import UnsupportedArchitectureError
+from ..errors import TargetError, UnsupportedArchitectureError
 from ..registry import register_method
-from ..targets import (
-    GENERIC,
-    NORM_TYPES,
-    RESNET,
-    UNET,
-    UNET_ATTENTIONS,
-    VIT,
-    VIT_ATTENTION,
-    TargetSpec,
-)
+from ..targets import NORM_TYPES, TargetSpec
 from .base import ApplyContext, Method, parameters_under
 
 
@@ -39,7 +30,12 @@ class SelectiveMethod(Method):
         ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         # spec None: the whole model (cheaper than matching every module)
-        modules = [("", ctx.model)] if spec is None else ctx.find(self, spec, allowed=self.module_types)
+        try:
+            modules = [("", ctx.model)] if spec is None else ctx.find(self, spec, allowed=self.module_types)
+        except TargetError as exc:
+            if getattr(self, "targets", None) is not None:
+                raise
+            raise UnsupportedArchitectureError(f"{self.name}: {exc}") from exc  # e.g. no BatchNorm at all
         chosen: dict[str, nn.Parameter] = {}
         for name, module in modules:
             for canonical, param in parameters_under(name, module):
@@ -72,7 +68,7 @@ class Full(SelectiveMethod):
 class Linear(SelectiveMethod):
     name: ClassVar[str] = "linear"
     aliases: ClassVar[tuple[str, ...]] = ("linear_probe",)
-    architectures: ClassVar[tuple[str, ...]] = (VIT, RESNET, GENERIC)
+    needs: ClassVar[str] = "classifier"
     summary: ClassVar[str] = "linear probing: only the classifier head trains"
 
     def apply_to(self, ctx: ApplyContext) -> None:
@@ -106,7 +102,7 @@ class Bias(SelectiveMethod):
 class BatchNorm(SelectiveMethod):
     name: ClassVar[str] = "batchnorm"
     module_types: ClassVar = (nn.modules.batchnorm._BatchNorm,)
-    architectures: ClassVar[tuple[str, ...]] = (RESNET, GENERIC)
+    needs: ClassVar[str] = "batchnorm"
     summary: ClassVar[str] = "BatchNorm affine parameters train"
 
 
@@ -115,7 +111,7 @@ class BatchNorm(SelectiveMethod):
 class LayerNorm(SelectiveMethod):
     name: ClassVar[str] = "layernorm"
     module_types: ClassVar = (nn.LayerNorm,)
-    architectures: ClassVar[tuple[str, ...]] = (VIT, UNET, GENERIC)
+    needs: ClassVar[str] = "layernorm"
     summary: ClassVar[str] = "LayerNorm affine parameters train"
 
 
@@ -131,10 +127,8 @@ class Norm(SelectiveMethod):
 @dataclass
 class Attention(SelectiveMethod):
     name: ClassVar[str] = "attention"
-    architectures: ClassVar[tuple[str, ...]] = (VIT, UNET, GENERIC)
+    placed: ClassVar[bool] = True  # the attention modules of each family (families.py)
     summary: ClassVar[str] = "attention tuning: ViT `attn` modules, UNet `attentions` blocks"
-
-    presets: ClassVar = {VIT: VIT_ATTENTION, UNET: UNET_ATTENTIONS}
     targets_hint: ClassVar[str] = "names of its attention modules"
 
     def default_targets(self, ctx):  # the presets, not SelectiveMethod's module types

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..layers import AdapterLayer
 from ..registry import register_method
-from ..targets import GENERIC, RESNET, VIT, VIT_SSF, TargetSpec, _loaded_class
+from ..targets import GENERIC, TargetSpec, _loaded_class
 from .base import ApplyContext, Method, number_in
 
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
@@ -90,11 +90,11 @@ class SSF(Method):
 
     name: ClassVar[str] = "ssf"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (VIT, RESNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True  # defaults: the architecture registry (families.py)
     summary: ClassVar[str] = "per-channel scale γ and shift β after ViT linears/norms or CNN BatchNorms"
     paper: ClassVar[str] = "Lian et al., NeurIPS 2022"
-    # ResNet: after every BatchNorm, since SSF before a train-mode BN would be normalised away
-    presets: ClassVar = {VIT: VIT_SSF, RESNET: [nn.modules.batchnorm._BatchNorm]}
+    # CNNs: after every norm, since SSF before a train-mode BN would be normalised away
     targets_hint: ClassVar[str] = "e.g. [nn.Linear, nn.LayerNorm]"
 
     def validate(self) -> None:

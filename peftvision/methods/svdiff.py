@@ -34,7 +34,7 @@ from ..errors import UnsupportedArchitectureError
 from ..layers import AdditiveDeltaLayer
 from ..registry import register_method
 from ..surgery import BiasDecoupledConv1d, BiasDecoupledConv2d, BiasDecoupledConv3d
-from ..targets import GENERIC, RESNET, UNET, VIT, TargetSpec
+from ..targets import GENERIC, TargetSpec
 from .base import ApplyContext, Method
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -143,12 +143,13 @@ class SVDiff(Method):
     name: ClassVar[str] = "svdiff"
     aliases: ClassVar[tuple[str, ...]] = ("sv-diff",)
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (UNET, VIT, RESNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
     summary: ClassVar[str] = "singular-value shifts W = U·diag(ReLU(σ+δ))·Vᵀ of Linear/Conv, δ on norm weights"
     paper: ClassVar[str] = "Han et al., ICCV 2023"
-    # every weight the reference shifts (ResNet's BatchNorms excepted: see apply_to)
-    presets: ClassVar = {arch: list(SVDIFF_LAYERS) for arch in (UNET, VIT, RESNET)}
     targets_hint: ClassVar[str] = "e.g. [nn.Linear, nn.Conv2d, nn.GroupNorm]"
+
+    def default_targets(self, ctx: ApplyContext) -> TargetSpec:
+        return list(SVDIFF_LAYERS)  # every weight the reference shifts (BatchNorms excepted: below)
 
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)

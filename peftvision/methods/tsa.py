@@ -19,7 +19,7 @@ from ..errors import MergeError, UnsupportedArchitectureError
 from ..layers import AdapterLayer, AdditiveDeltaLayer
 from ..registry import register_method
 from ..surgery import get_module
-from ..targets import GENERIC, RESNET, RESNET_BLOCK_CONVS, TargetSpec
+from ..targets import GENERIC, TargetSpec
 from .base import ApplyContext, Method
 
 
@@ -94,10 +94,10 @@ class TSA(Method):
 
     name: ClassVar[str] = "tsa"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (RESNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True  # defaults: the architecture registry (families.py)
     summary: ClassVar[str] = "parallel 1x1 conv α beside each residual-block conv (+ optional β)"
     paper: ClassVar[str] = "Li et al., CVPR 2022"
-    presets: ClassVar = {RESNET: RESNET_BLOCK_CONVS}
     targets_hint: ClassVar[str] = "names of its convs"
 
     def apply_to(self, ctx: ApplyContext) -> None:

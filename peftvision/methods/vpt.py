@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdapterLayer
 from ..registry import register_method
-from ..targets import VIT
 from .base import ApplyContext, Method, number_in, positive_int
 
 DEFAULT_TOKENS = {"shallow": 5, "deep": 10}
@@ -77,7 +76,8 @@ class VPT(Method):
     name: ClassVar[str] = "vpt"
     kind: ClassVar[str] = "additive"
     mergeable: ClassVar[bool] = False
-    architectures: ClassVar = (VIT,)
+    architectures: ClassVar = ()
+    placed: ClassVar[bool] = True  # families with a plain token sequence (families.py)
     summary: ClassVar[str] = "learnable prompt tokens before the first (shallow) or every (deep) block"
     paper: ClassVar[str] = "Jia et al., ECCV 2022"
 
