@@ -44,30 +44,39 @@ VIT = _block_sites(r"blocks\.\d+")
 register_architecture(Architecture(
     "vit", classes=((TIMM_VIT, "VisionTransformer"),),
     placements={**VIT, "adaptformer": r"blocks\.\d+", "vpt": True},
-    traits=frozenset({"tokens", "classifier", "layernorm", "attention"}),
+    traits=frozenset({"norm", "tokens", "classifier", "layernorm", "attention"}),
     description="timm VisionTransformer and its variants: DeiT (incl. distilled), DeiT3, DINOv2 "
                 "(registers), CLIP, SigLIP, FlexiViT, global-pool / no-class-token ViTs"))
 
 register_architecture(Architecture(
     "eva", classes=(("timm.models.eva", "Eva"),), placements=_block_sites(r"blocks\.\d+", qkv=False),
-    traits=frozenset({"classifier", "layernorm", "attention"}), description="timm EVA, EVA02"))
+    traits=frozenset({"norm", "classifier", "layernorm", "attention"}), description="timm EVA, EVA02"))
 
 register_architecture(Architecture(
     "beit", classes=(("timm.models.beit", "Beit"),), placements=_block_sites(r"blocks\.\d+", qkv=False),
-    traits=frozenset({"classifier", "layernorm", "attention"}), description="timm BEiT"))
+    traits=frozenset({"norm", "classifier", "layernorm", "attention"}), description="timm BEiT"))
 
 register_architecture(Architecture(
     "sam-vit", classes=(("timm.models.vision_transformer_sam", "VisionTransformerSAM"),),
-    placements=_block_sites(r"blocks\.\d+"), traits=frozenset({"classifier", "layernorm", "attention"}),
+    placements=_block_sites(r"blocks\.\d+"), traits=frozenset({"norm", "classifier", "layernorm", "attention"}),
     description="timm SAM image encoder (VisionTransformerSAM)"))
 
-_SWIN = _block_sites(r"layers\.\d+\.blocks\.\d+")
+def _swin(method: str):
+    """Swin v2's attention reads qkv.weight itself (F.linear with its own q/v biases), as EVA."""
+    def placement(model: nn.Module):
+        sites = _block_sites(r"layers\.\d+\.blocks\.\d+", qkv=type(model).__name__ == "SwinTransformer")
+        extra = r"|patch_embed\.norm|layers\.\d+\.downsample\.(norm|reduction)" if method == "ssf" else ""
+        return sites[method] + extra
+
+    return placement
+
+
 register_architecture(Architecture(
     "swin",
     classes=(("timm.models.swin_transformer", "SwinTransformer"),
              ("timm.models.swin_transformer_v2", "SwinTransformerV2")),
-    placements={**_SWIN, "ssf": _SWIN["ssf"] + r"|patch_embed\.norm|layers\.\d+\.downsample\.(norm|reduction)"},
-    traits=frozenset({"classifier", "layernorm", "attention"}), description="timm Swin v1, v2"))
+    placements={m: _swin(m) for m in ("lora", "ssf", "attention", "adaptformer", "ia3")},
+    traits=frozenset({"norm", "classifier", "layernorm", "attention"}), description="timm Swin v1, v2"))
 
 _MAXXVIT_BLOCK = r"stages\.\d+\.blocks\.\d+"
 _MBCONV = rf"{_MAXXVIT_BLOCK}(\.conv)?\.(conv1_1x1|conv3_1x1)"
@@ -80,7 +89,7 @@ register_architecture(Architecture(
         "ia3": rf"{_MAXXVIT_BLOCK}(\.attn_block|\.attn_grid)?\.(attn\.qkv|mlp\.fc2)|{_MBCONV}",
         "tsa": _MBCONV,
     },
-    traits=frozenset({"classifier", "batchnorm", "layernorm", "attention"}),
+    traits=frozenset({"norm", "classifier", "batchnorm", "layernorm", "attention"}),
     description="timm MaxViT, CoAtNet (MaxxVit)"))
 
 # ---- CNNs --------------------------------------------------------------------------------------
@@ -93,7 +102,7 @@ def _cnn(name: str, classes, block_convs: str, description: str, *, ssf=None, tr
         name, classes=classes,
         placements={"lora": block_convs, "tsa": block_convs, "ia3": block_convs,
                     "ssf": ssf if ssf is not None else list(_NORMS)},
-        traits=frozenset({"classifier", *traits}), description=description))
+        traits=frozenset({"norm", "classifier", *traits}), description=description))
 
 
 _cnn("resnet", (("timm.models.resnet", "ResNet"),), r"layer\d+\.\d+\.conv\d+",
@@ -113,20 +122,21 @@ _cnn("densenet", (("timm.models.densenet", "DenseNet"),),
 
 # ---- diffusers ---------------------------------------------------------------------------------
 
-_DIFFUSERS_TRAITS = frozenset({"diffusers", "layernorm", "attention"})
+# DiT, SD3 and Flux normalise with affine-free LayerNorms (ada-norm): no "layernorm"/"norm" trait
+_DIFFUSERS_TRAITS = frozenset({"diffusers", "attention"})
 _UNET_ATTN = r".*\.attn\d+\.(to_q|to_k|to_v|to_out\.0)"
 register_architecture(Architecture(
     "unet", classes=(("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),),
     placements={"lora": _UNET_ATTN, "attention": r".*attentions\.\d+", "difffit": True,
                 "ia3": r".*\.attn\d+\.(to_k|to_v)|.*\.ff\.net\.2"},
-    traits=_DIFFUSERS_TRAITS,
+    traits=_DIFFUSERS_TRAITS | {"layernorm", "norm"},
     description="diffusers UNet2DConditionModel: SD 1.x, 2.x, SDXL (text_time conditioning)"))
 
 register_architecture(Architecture(
     "unet2d", classes=(("diffusers.models.unets.unet_2d", "UNet2DModel"),),
     placements={"lora": r".*attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)", "attention": r".*attentions\.\d+",
                 "ia3": r".*attentions\.\d+\.(to_k|to_v)", "tsa": r".*resnets\.\d+\.conv[12]"},
-    traits=frozenset({"diffusers", "attention"}), description="diffusers UNet2DModel (DDPM)"))
+    traits=frozenset({"diffusers", "attention", "norm"}), description="diffusers UNet2DModel (DDPM)"))
 
 _DIT_BLOCK = r"transformer_blocks\.\d+"
 register_architecture(Architecture(

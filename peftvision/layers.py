@@ -114,6 +114,14 @@ class AdapterLayer(Adapter):
 class AdditiveDeltaLayer(AdapterLayer):
     """An adapter whose merge is W + ΔW (and b + Δb): subclasses implement `delta_weight`."""
 
+    @property
+    def weight(self) -> Tensor:
+        """The adapted weight W + ΔW, for parents that read their child's `.weight` and run the
+        op themselves (timm EVA and BEiT: F.linear(x, self.qkv.weight, qkv_bias)): they then
+        compute the adapted result, with gradients reaching the adapter."""
+        weight = self.base_layer.weight  # a nested adapter's own adapted weight
+        return weight if self.merged else weight + self.delta_weight().to(weight.dtype)
+
     def delta_weight(self) -> Tensor:
         raise NotImplementedError
 

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
+import re
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..architectures import GENERIC, Architecture, architectures, get_architecture
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdapterLayer
 from ..state import PeftState
-from ..surgery import Journal, wrap_module
+from ..surgery import Journal, get_module, get_submodule_parent, wrap_module
 from ..targets import (
     ARCHITECTURES,
     NAMED_SETS,
@@ -24,6 +28,18 @@ from ..targets import (
     find_targets,
     iter_base_modules,
 )
+
+
+@dataclass(frozen=True)
+class MethodFacts:
+    """What a method promises, declared beside it; the generated conformance matrix
+    (tests/test_matrix.py) checks each promise on every family the method runs on."""
+
+    identity_at_init: bool = True  # the adapted model starts exactly as the base model
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"": {}})  # label -> options
+    # trainable parameters one of its AdapterLayers adds, from the wrapped layer's shape
+    params_per_layer: Callable[[Any, AdapterLayer], int] | None = None
+    needs_data: bool = False  # chooses from data at apply time (SH-PEFT, SPT)
 
 
 @dataclass
@@ -42,6 +58,7 @@ class Method:
     needs: ClassVar[str | None] = None  # a trait of the family, e.g. "batchnorm"
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    test_facts: ClassVar[MethodFacts] = MethodFacts()
 
     def __post_init__(self) -> None:
         if hasattr(self, "targets"):
@@ -173,6 +190,11 @@ class ApplyContext:
         spec = self.arch.placement(method.name, self.model)
         return spec if spec is not None else method.presets.get(self.architecture)
 
+    def read_by_parent(self, name: str) -> frozenset[str]:
+        """Attributes (other than forward) of module `name` that its parent's forward reads."""
+        parent, child = get_submodule_parent(self.model, name)
+        return frozenset(_attributes_read(type(_unwrapped(parent))).get(child, ())) - {"forward"}
+
     def example_names(self, count: int = 8) -> str:
         """Real module names of the model, to show in an error (layers with weights first)."""
         names = [n for n, m in iter_base_modules(self.model)
@@ -216,9 +238,63 @@ class ApplyContext:
 
     def wrap(self, method: Method, name: str, factory: Callable[[nn.Module], AdapterLayer],
              innermost: bool = False) -> AdapterLayer:
+        _check_float_weights(method, name, get_module(self.model, name))
         layer = wrap_module(self.model, name, factory, self.journal, innermost)
         layer.method_name = method.name
+        parent, child = get_submodule_parent(self.model, name)
+        _check_parent_access(method, name, _unwrapped(parent), child, layer)
         return layer
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+def _check_float_weights(method: Method, name: str, module: nn.Module) -> None:
+    weight = getattr(_unwrapped(module), "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+        raise UnsupportedArchitectureError(
+            f"{method.name}: {name} holds {weight.dtype} (integer or quantized) weights; peftvision adapts "
+            "floating-point layers only. Dequantize the model first, or leave this layer out of targets")
+
+
+_PARENT_READS = re.compile(r"self\.(\w+)\.(\w+)")
+
+
+@functools.cache
+def _attributes_read(cls: type) -> dict[str, frozenset[str]]:
+    """child name -> attributes of it that `cls`'s forward code reads (self.child.attr); only
+    timm and diffusers classes are read (their source is plain Python we know the layout of)."""
+    reads: dict[str, set[str]] = {}
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or klass.__module__.split(".")[0] not in ("timm", "diffusers"):
+            continue
+        for fname, fn in vars(klass).items():  # what runs per call, not init or set-up code
+            if not (inspect.isfunction(fn) and any(k in fname for k in ("forward", "attn", "pos_embed"))):
+                continue
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            for child, attr in _PARENT_READS.findall(source):
+                reads.setdefault(child, set()).add(attr)
+    return {k: frozenset(v) for k, v in reads.items()}
+
+
+def _check_parent_access(method: Method, name: str, parent: nn.Module, child: str, layer: AdapterLayer) -> None:
+    """Refuse a wrapper whose parent reads attributes of the wrapped child that the wrapper cannot
+    give correctly (EVA reads qkv.weight: an additive ΔW gives W + ΔW; MaxViT calls
+    rel_pos.get_bias(), which no wrapper can adapt): never a crash or a silently ignored adapter."""
+    missing = sorted(a for a in _attributes_read(type(parent)).get(child, ())
+                     if a != "forward" and not hasattr(type(layer), a)
+                     and a not in layer._parameters and a not in layer._buffers and a not in layer._modules)
+    if missing:
+        reads = ", ".join(f"{child}.{a}" for a in missing)
+        raise UnsupportedArchitectureError(
+            f"{method.name} cannot adapt {name}: its parent {type(parent).__name__} reads {reads} "
+            f"directly, which a {type(layer).__name__} cannot provide adapted. Leave {name} out of targets")
 
 
 def parameters_under(prefix: str, module: nn.Module, recurse: bool = True):

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..layers import AdditiveDeltaLayer
 from ..registry import register_method
 from ..targets import GENERIC, TargetSpec
-from .base import ApplyContext, Method, number_in, positive_int
+from .base import ApplyContext, Method, MethodFacts, number_in, positive_int
 
 QKV = "qkv"
 
@@ -133,6 +133,16 @@ class LoRAConv(LoRALayer):
         return delta.reshape(self.weighted_layer.weight.shape)
 
 
+def lora_params(config: LoRA, layer: LoRALayer) -> int:
+    """r·(in + out) per adapted matrix; a conv's "in" is C_in·k·k; a fused qkv slice is D wide."""
+    base = layer.weighted_layer
+    if isinstance(layer, LoRAFusedLinear):
+        return len(layer.slots) * config.r * (base.in_features + base.out_features // len(QKV))
+    if isinstance(base, nn.Linear):
+        return config.r * (base.in_features + base.out_features)
+    return config.r * (base.in_channels * math.prod(base.kernel_size) + base.out_channels)
+
+
 @register_method
 @dataclass
 class LoRA(Method):
@@ -151,6 +161,8 @@ class LoRA(Method):
     summary: ClassVar[str] = "low-rank ΔW = (alpha/r)·B·A on Linear/Conv layers (ViT qkv by default)"
     paper: ClassVar[str] = "Hu et al., ICLR 2022"
     targets_hint: ClassVar[str] = "module names, a regex, or types such as nn.Linear"
+    test_facts: ClassVar = MethodFacts(variants={"": {"r": 4}, "qv": {"r": 4, "qkv_parts": "qv"}},
+                                       params_per_layer=lora_params)
 
     def validate(self) -> None:
         positive_int(self.name, "r", self.r)

@@ -120,6 +120,7 @@ class LayerNorm(SelectiveMethod):
 class Norm(SelectiveMethod):
     name: ClassVar[str] = "norm"
     module_types: ClassVar = NORM_TYPES
+    needs: ClassVar[str] = "norm"
     summary: ClassVar[str] = "every normalisation layer's affine parameters train"
 
 

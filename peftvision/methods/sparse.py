@@ -28,7 +28,7 @@ from torch.func import functional_call
 from ..errors import ConfigError, CorruptAdapterError
 from ..layers import AdapterLayer
 from ..targets import ARCHITECTURES, UNET, TargetSpec, check_target_spec
-from .base import ApplyContext, Method, number_in, parameters_under, positive_int
+from .base import ApplyContext, Method, MethodFacts, number_in, parameters_under, positive_int
 
 # Below this share of a Linear weight, the values' gradient is a sampled matmul at the chosen
 # entries; above it a dense weight gradient is cheaper (measured crossover on CPU: about 10%).
@@ -257,6 +257,7 @@ class SparseMethod(Method):
     kind: ClassVar[str] = "additive"
     architectures: ClassVar = ARCHITECTURES
     runtime_fields: ClassVar[tuple[str, ...]] = ("data", "loss_fn")
+    test_facts: ClassVar = MethodFacts(needs_data=True)  # tests/test_sparse_methods.py
     recorded_fields: ClassVar[tuple[str, ...]] = ()  # more fields `record` fills in
 
     def validate(self) -> None:
@@ -355,7 +356,9 @@ def scope_entries(ctx: ApplyContext, method: SparseMethod) -> list[ScopeEntry]:
     owners: dict[int, str] = {}
     for canonical, param in pairs:
         module, _, attr = canonical.rpartition(".")
-        if (canonical in entries or not module or not param.is_floating_point()
+        # modules whose parent reads them directly (EVA's qkv.weight, MaxViT's rel_pos.get_bias())
+        # cannot be wrapped, so their tensors are out of scope rather than silently unadapted
+        if (canonical in entries or not module or not param.is_floating_point() or ctx.read_by_parent(module)
                 or canonical in ctx.state.selected
                 or any(canonical.startswith(h + ".") for h in ctx.head_modules)):
             continue

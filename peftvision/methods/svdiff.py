@@ -35,7 +35,7 @@ from ..layers import AdditiveDeltaLayer
 from ..registry import register_method
 from ..surgery import BiasDecoupledConv1d, BiasDecoupledConv2d, BiasDecoupledConv3d
 from ..targets import GENERIC, TargetSpec
-from .base import ApplyContext, Method
+from .base import ApplyContext, Method, MethodFacts
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -133,6 +133,14 @@ class SpectralShift(AdditiveDeltaLayer):
         return backup, None
 
 
+def svdiff_params(layer: nn.Module) -> int:
+    """One δ per singular value of C_out x (C_in/g·k·k), or per entry of a norm's weight."""
+    weight = layer.weight
+    if isinstance(layer, _NORMS):
+        return weight.numel()
+    return min(weight.shape[0], weight[0].numel())
+
+
 @register_method
 @dataclass
 class SVDiff(Method):
@@ -147,6 +155,7 @@ class SVDiff(Method):
     summary: ClassVar[str] = "singular-value shifts W = U·diag(ReLU(σ+δ))·Vᵀ of Linear/Conv, δ on norm weights"
     paper: ClassVar[str] = "Han et al., ICCV 2023"
     targets_hint: ClassVar[str] = "e.g. [nn.Linear, nn.Conv2d, nn.GroupNorm]"
+    test_facts: ClassVar = MethodFacts(params_per_layer=lambda cfg, layer: svdiff_params(layer.weighted_layer))
 
     def default_targets(self, ctx: ApplyContext) -> TargetSpec:
         return list(SVDIFF_LAYERS)  # every weight the reference shifts (BatchNorms excepted: below)
@@ -155,8 +164,11 @@ class SVDiff(Method):
         ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         # BatchNorm is not offered: its train-mode statistics make w + δ need BN's own forward
+        # a norm without affine has nothing to shift; a norm subclass with its own forward (timm's
+        # channel-first LayerNorm2d, GroupNormAct with its activation) is not F.layer_norm/group_norm
         found = [(n, m) for n, m in ctx.find(self, spec, allowed=SVDIFF_LAYERS)
-                 if getattr(m, "weight", None) is not None]  # a norm without affine has nothing to shift
+                 if getattr(m, "weight", None) is not None
+                 and not (isinstance(m, _NORMS) and type(m).forward not in _PLAIN_FORWARDS)]
         if not found:
             raise UnsupportedArchitectureError("svdiff: the matched layers have no weight to shift")
         for name, _module in found:

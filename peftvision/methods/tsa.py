@@ -20,7 +20,7 @@ from ..layers import AdapterLayer, AdditiveDeltaLayer
 from ..registry import register_method
 from ..surgery import get_module
 from ..targets import GENERIC, TargetSpec
-from .base import ApplyContext, Method
+from .base import ApplyContext, Method, MethodFacts
 
 
 def centre_tap_mergeable(conv: nn.Conv2d) -> str:
@@ -99,6 +99,10 @@ class TSA(Method):
     summary: ClassVar[str] = "parallel 1x1 conv α beside each residual-block conv (+ optional β)"
     paper: ClassVar[str] = "Li et al., CVPR 2022"
     targets_hint: ClassVar[str] = "names of its convs"
+    test_facts: ClassVar = MethodFacts(  # α: C_out x C_in per conv; β: F x F
+        variants={"": {}, "alignment": {"alignment": True}},
+        params_per_layer=lambda cfg, layer: (layer.weighted_layer.in_features ** 2 if isinstance(layer, TSAAlignment)
+                                             else layer.weighted_layer.out_channels * layer.weighted_layer.in_channels))
 
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
