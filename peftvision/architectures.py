@@ -36,7 +36,8 @@ class Architecture:
         model -> targets. A method absent here needs explicit targets on this family (unless it
         runs anywhere, such as bias tuning).
     traits: what the family has, for methods that need it: "tokens" (a ViT token sequence for
-        VPT), "classifier" (a timm head), "norm" (norms with affine parameters), "batchnorm",
+        VPT), "classifier" (a timm head), "norm" (norms with affine parameters), "qkv-thirds"
+        (fused qkv projections laid out [q; k; v]), "batchnorm",
         "layernorm", "attention", "diffusers".
     priority: higher is tried first (a subclass family before its base's family).
     """

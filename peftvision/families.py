@@ -11,7 +11,9 @@ natural equivalent, noted beside it. Names are regular expressions over full mod
 - TSA: beside each conv of a residual block (1x1 convs where the block's kxk is depthwise).
 - AdaptFormer: beside every transformer MLP (timm ViT blocks: the paper's pre-norm branch;
   other blocks: the branch reads the MLP's input).
-- IA3: the k/v projections' outputs and the MLP hidden activation; CNNs: block conv outputs.
+- IA3 ({"outputs": ..., "inputs": ...}): k/v projection outputs (the k, v thirds of a fused qkv)
+  and the MLP hidden activation (the input of its second Linear); CNNs: block conv outputs.
+  EVA and BEiT add their own q/v bias to qkv, so only their MLP activation is rescaled.
 - VPT: timm VisionTransformer token sequences only (prompts need a plain token sequence:
   EVA's rotary and BEiT's relative position tables, SAM's and Swin's windows fix its length).
 - Attention tuning: the attention modules. DiffFit: diffusers BasicTransformerBlocks.
@@ -36,7 +38,7 @@ def _block_sites(block: str, qkv: bool = True) -> dict[str, object]:
                r"|norm|fc_norm",
         "attention": rf"{block}\.attn",
         "adaptformer": rf"{block}\.mlp",
-        "ia3": rf"{block}\.({'attn.qkv|' if qkv else ''}mlp\.fc2)",
+        "ia3": {"outputs": rf"{block}\.attn\.qkv" if qkv else None, "inputs": rf"{block}\.mlp\.fc2"},
     }
 
 
@@ -44,21 +46,22 @@ VIT = _block_sites(r"blocks\.\d+")
 register_architecture(Architecture(
     "vit", classes=((TIMM_VIT, "VisionTransformer"),),
     placements={**VIT, "adaptformer": r"blocks\.\d+", "vpt": True},
-    traits=frozenset({"norm", "tokens", "classifier", "layernorm", "attention"}),
+    traits=frozenset({"qkv-thirds", "norm", "tokens", "classifier", "layernorm", "attention"}),
     description="timm VisionTransformer and its variants: DeiT (incl. distilled), DeiT3, DINOv2 "
                 "(registers), CLIP, SigLIP, FlexiViT, global-pool / no-class-token ViTs"))
 
 register_architecture(Architecture(
     "eva", classes=(("timm.models.eva", "Eva"),), placements=_block_sites(r"blocks\.\d+", qkv=False),
-    traits=frozenset({"norm", "classifier", "layernorm", "attention"}), description="timm EVA, EVA02"))
+    traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}), description="timm EVA, EVA02"))
 
 register_architecture(Architecture(
     "beit", classes=(("timm.models.beit", "Beit"),), placements=_block_sites(r"blocks\.\d+", qkv=False),
-    traits=frozenset({"norm", "classifier", "layernorm", "attention"}), description="timm BEiT"))
+    traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}), description="timm BEiT"))
 
 register_architecture(Architecture(
     "sam-vit", classes=(("timm.models.vision_transformer_sam", "VisionTransformerSAM"),),
-    placements=_block_sites(r"blocks\.\d+"), traits=frozenset({"norm", "classifier", "layernorm", "attention"}),
+    placements=_block_sites(r"blocks\.\d+"),
+    traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}),
     description="timm SAM image encoder (VisionTransformerSAM)"))
 
 def _swin(method: str):
@@ -66,7 +69,7 @@ def _swin(method: str):
     def placement(model: nn.Module):
         sites = _block_sites(r"layers\.\d+\.blocks\.\d+", qkv=type(model).__name__ == "SwinTransformer")
         extra = r"|patch_embed\.norm|layers\.\d+\.downsample\.(norm|reduction)" if method == "ssf" else ""
-        return sites[method] + extra
+        return sites[method] if method == "ia3" else sites[method] + extra
 
     return placement
 
@@ -76,7 +79,7 @@ register_architecture(Architecture(
     classes=(("timm.models.swin_transformer", "SwinTransformer"),
              ("timm.models.swin_transformer_v2", "SwinTransformerV2")),
     placements={m: _swin(m) for m in ("lora", "ssf", "attention", "adaptformer", "ia3")},
-    traits=frozenset({"norm", "classifier", "layernorm", "attention"}), description="timm Swin v1, v2"))
+    traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}), description="timm Swin v1, v2"))
 
 _MAXXVIT_BLOCK = r"stages\.\d+\.blocks\.\d+"
 _MBCONV = rf"{_MAXXVIT_BLOCK}(\.conv)?\.(conv1_1x1|conv3_1x1)"
@@ -86,7 +89,9 @@ register_architecture(Architecture(
         "lora": rf"{_MAXXVIT_BLOCK}(\.attn_block|\.attn_grid)?\.attn\.qkv",
         "attention": rf"{_MAXXVIT_BLOCK}(\.attn_block|\.attn_grid)?\.attn",
         "adaptformer": rf"{_MAXXVIT_BLOCK}(\.attn_block|\.attn_grid)?\.mlp",
-        "ia3": rf"{_MAXXVIT_BLOCK}(\.attn_block|\.attn_grid)?\.(attn\.qkv|mlp\.fc2)|{_MBCONV}",
+        # MaxxVit's qkv interleaves q, k, v per head: IA3 leaves it (and LoRA adapts all of it)
+        "ia3": {"outputs": _MBCONV,
+                "inputs": rf"{_MAXXVIT_BLOCK}(\.attn_block|\.attn_grid)?\.mlp\.fc2"},
         "tsa": _MBCONV,
     },
     traits=frozenset({"norm", "classifier", "batchnorm", "layernorm", "attention"}),
@@ -100,7 +105,7 @@ _NORMS = [nn.modules.batchnorm._BatchNorm, nn.GroupNorm]
 def _cnn(name: str, classes, block_convs: str, description: str, *, ssf=None, traits=("batchnorm",)):
     register_architecture(Architecture(
         name, classes=classes,
-        placements={"lora": block_convs, "tsa": block_convs, "ia3": block_convs,
+        placements={"lora": block_convs, "tsa": block_convs, "ia3": {"outputs": block_convs},
                     "ssf": ssf if ssf is not None else list(_NORMS)},
         traits=frozenset({"norm", "classifier", *traits}), description=description))
 
@@ -128,14 +133,14 @@ _UNET_ATTN = r".*\.attn\d+\.(to_q|to_k|to_v|to_out\.0)"
 register_architecture(Architecture(
     "unet", classes=(("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),),
     placements={"lora": _UNET_ATTN, "attention": r".*attentions\.\d+", "difffit": True,
-                "ia3": r".*\.attn\d+\.(to_k|to_v)|.*\.ff\.net\.2"},
+                "ia3": {"outputs": r".*\.attn\d+\.(to_k|to_v)", "inputs": r".*\.ff\.net\.2"}},
     traits=_DIFFUSERS_TRAITS | {"layernorm", "norm"},
     description="diffusers UNet2DConditionModel: SD 1.x, 2.x, SDXL (text_time conditioning)"))
 
 register_architecture(Architecture(
     "unet2d", classes=(("diffusers.models.unets.unet_2d", "UNet2DModel"),),
     placements={"lora": r".*attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)", "attention": r".*attentions\.\d+",
-                "ia3": r".*attentions\.\d+\.(to_k|to_v)", "tsa": r".*resnets\.\d+\.conv[12]"},
+                "ia3": {"outputs": r".*attentions\.\d+\.(to_k|to_v)"}, "tsa": r".*resnets\.\d+\.conv[12]"},
     traits=frozenset({"diffusers", "attention", "norm"}), description="diffusers UNet2DModel (DDPM)"))
 
 _DIT_BLOCK = r"transformer_blocks\.\d+"
@@ -145,7 +150,7 @@ register_architecture(Architecture(
              ("diffusers.models.transformers.transformer_2d", "Transformer2DModel")),
     placements={"lora": rf"{_DIT_BLOCK}\.attn\d\.(to_q|to_k|to_v|to_out\.0)", "attention": rf"{_DIT_BLOCK}\.attn\d",
                 "adaptformer": rf"{_DIT_BLOCK}\.ff", "difffit": True,
-                "ia3": rf"{_DIT_BLOCK}\.(attn\d\.(to_k|to_v)|ff\.net\.2)"},
+                "ia3": {"outputs": rf"{_DIT_BLOCK}\.attn\d\.(to_k|to_v)", "inputs": rf"{_DIT_BLOCK}\.ff\.net\.2"}},
     traits=_DIFFUSERS_TRAITS, description="diffusers DiT / Transformer2DModel"))
 
 _MMDIT_ATTN = r"(single_)?transformer_blocks\.\d+\.attn"
@@ -153,7 +158,8 @@ _MMDIT = {
     "lora": rf"{_MMDIT_ATTN}\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
     "attention": _MMDIT_ATTN,
     "adaptformer": rf"{_DIT_BLOCK}\.(ff|ff_context)",
-    "ia3": rf"{_MMDIT_ATTN}\.(to_k|to_v|add_k_proj|add_v_proj)|{_DIT_BLOCK}\.(ff|ff_context)\.net\.2",
+    "ia3": {"outputs": rf"{_MMDIT_ATTN}\.(to_k|to_v|add_k_proj|add_v_proj)",
+            "inputs": rf"{_DIT_BLOCK}\.(ff|ff_context)\.net\.2"},
 }
 register_architecture(Architecture(
     "sd3", classes=(("diffusers.models.transformers.transformer_sd3", "SD3Transformer2DModel"),),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdditiveDeltaLayer
 from ..registry import register_method
 from ..targets import GENERIC, TargetSpec
@@ -186,6 +186,10 @@ class LoRA(Method):
         for name, module in ctx.find(self, spec, allowed=allowed):
             if isinstance(module, nn.Linear):
                 fused = self.qkv_parts is not None and self.qkv_parts != QKV and name.endswith(QKV)
+                if fused and ctx.architecture != GENERIC and "qkv-thirds" not in ctx.arch.traits:
+                    raise UnsupportedArchitectureError(  # e.g. MaxxVit interleaves q, k, v per head
+                        f"lora: qkv_parts={self.qkv_parts!r} needs a qkv laid out [q; k; v]; "
+                        f"{type(ctx.model).__name__}'s is not. Leave qkv_parts unset to adapt all of it")
                 factory = (
                     (lambda m: LoRAFusedLinear(m, self.qkv_parts, self.r, alpha, self.dropout)) if fused
                     else (lambda m: LoRALinear(m, self.r, alpha, self.dropout))
