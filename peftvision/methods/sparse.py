@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError, CorruptAdapterError
 from ..layers import AdapterLayer
-from ..targets import ARCHITECTURES, UNET, TargetSpec, check_target_spec
+from ..targets import ARCHITECTURES, TargetSpec, check_target_spec
 from .base import ApplyContext, Method, MethodFacts, number_in, parameters_under, positive_int
 
 # Below this share of a Linear weight, the values' gradient is a sampled matmul at the chosen
@@ -320,8 +320,8 @@ class SparseMethod(Method):
             if self.data is None:
                 raise ConfigError(f"{self.name} chooses its weights from data: pass "
                                   f"data=<iterable of (inputs, targets)>, e.g. a DataLoader")
-            if self.loss_fn is None and ctx.architecture == UNET:
-                raise ConfigError(f"{self.name} on a UNet needs loss_fn=(output, targets) -> loss")
+            if self.loss_fn is None and "diffusers" in ctx.arch.traits:
+                raise ConfigError(f"{self.name} on a diffusion model needs loss_fn=(output, targets) -> loss")
             sparse, lora = self.choose(ctx, entries)
             fields = ("data", "loss_fn", "selection", "_chosen", *self.recorded_fields)
             undo = {f: getattr(self, f, None) for f in fields}
