@@ -40,6 +40,7 @@ class Architecture:
         (fused qkv projections laid out [q; k; v]), "batchnorm",
         "layernorm", "attention", "diffusers".
     priority: higher is tried first (a subclass family before its base's family).
+    refusals: method name -> why the method is not placed on this family (shown in its error).
     """
 
     name: str
@@ -49,6 +50,7 @@ class Architecture:
     traits: frozenset[str] = frozenset()
     priority: int = 0
     description: str = ""
+    refusals: Mapping[str, str] = field(default_factory=dict)  # method name -> why it has no placement
 
     def matches(self, model: nn.Module) -> bool:
         found = [_loaded_class(m, c) for m, c in self.classes]

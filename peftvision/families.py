@@ -26,6 +26,9 @@ from torch import nn
 from .architectures import Architecture, register_architecture
 
 TIMM_VIT = "timm.models.vision_transformer"
+_TSA = "TSA adapts residual conv blocks (CNNs); pass targets=[...] for convs here"
+_WINDOWS = ("its attention runs on a 2-D token grid (windows), not a sequence prompts can extend; "
+            "VPT's per-window prompts are not implemented")
 
 
 def _block_sites(block: str, qkv: bool = True) -> dict[str, object]:
@@ -46,21 +49,24 @@ VIT = _block_sites(r"blocks\.\d+")
 register_architecture(Architecture(
     "vit", classes=((TIMM_VIT, "VisionTransformer"),),
     placements={**VIT, "adaptformer": r"blocks\.\d+", "vpt": True},
+    refusals={"tsa": _TSA, "difffit": "DiffFit's scales sit in diffusers transformer blocks"},
     traits=frozenset({"qkv-thirds", "norm", "tokens", "classifier", "layernorm", "attention"}),
     description="timm VisionTransformer and its variants: DeiT (incl. distilled), DeiT3, DINOv2 "
                 "(registers), CLIP, SigLIP, FlexiViT, global-pool / no-class-token ViTs"))
 
 register_architecture(Architecture(
     "eva", classes=(("timm.models.eva", "Eva"),), placements=_block_sites(r"blocks\.\d+", qkv=False),
+    refusals={"vpt": "EVA's rotary position embedding covers exactly the patch tokens", "tsa": _TSA},
     traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}), description="timm EVA, EVA02"))
 
 register_architecture(Architecture(
     "beit", classes=(("timm.models.beit", "Beit"),), placements=_block_sites(r"blocks\.\d+", qkv=False),
+    refusals={"vpt": "BEiT's relative position bias tables fix the number of tokens", "tsa": _TSA},
     traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}), description="timm BEiT"))
 
 register_architecture(Architecture(
     "sam-vit", classes=(("timm.models.vision_transformer_sam", "VisionTransformerSAM"),),
-    placements=_block_sites(r"blocks\.\d+"),
+    placements=_block_sites(r"blocks\.\d+"), refusals={"vpt": _WINDOWS, "tsa": _TSA},
     traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}),
     description="timm SAM image encoder (VisionTransformerSAM)"))
 
@@ -79,6 +85,7 @@ register_architecture(Architecture(
     classes=(("timm.models.swin_transformer", "SwinTransformer"),
              ("timm.models.swin_transformer_v2", "SwinTransformerV2")),
     placements={m: _swin(m) for m in ("lora", "ssf", "attention", "adaptformer", "ia3")},
+    refusals={"vpt": _WINDOWS, "tsa": _TSA},
     traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}), description="timm Swin v1, v2"))
 
 _MAXXVIT_BLOCK = r"stages\.\d+\.blocks\.\d+"
@@ -95,6 +102,8 @@ register_architecture(Architecture(
         "tsa": _MBCONV,
     },
     traits=frozenset({"norm", "classifier", "batchnorm", "layernorm", "attention"}),
+    refusals={"vpt": _WINDOWS, "ssf": "a hybrid of MBConv (norm+act) and attention blocks the SSF paper "
+                                      "does not cover"},
     description="timm MaxViT, CoAtNet (MaxxVit)"))
 
 # ---- CNNs --------------------------------------------------------------------------------------
@@ -107,7 +116,10 @@ def _cnn(name: str, classes, block_convs: str, description: str, *, ssf=None, tr
         name, classes=classes,
         placements={"lora": block_convs, "tsa": block_convs, "ia3": {"outputs": block_convs},
                     "ssf": ssf if ssf is not None else list(_NORMS)},
-        traits=frozenset({"norm", "classifier", *traits}), description=description))
+        traits=frozenset({"norm", "classifier", *traits}), description=description,
+        refusals={"vpt": "prompt tokens need a transformer's token sequence",
+                  "adaptformer": "AdaptFormer sits beside transformer MLPs",
+                  "difffit": "DiffFit's scales sit in diffusers transformer blocks"}))
 
 
 _cnn("resnet", (("timm.models.resnet", "ResNet"),), r"layer\d+\.\d+\.conv\d+",
@@ -129,19 +141,27 @@ _cnn("densenet", (("timm.models.densenet", "DenseNet"),),
 
 # DiT, SD3 and Flux normalise with affine-free LayerNorms (ada-norm): no "layernorm"/"norm" trait
 _DIFFUSERS_TRAITS = frozenset({"diffusers", "attention"})
+_DIFFUSION_REFUSALS = {
+    "vpt": "prompt tokens are defined for classification ViTs",
+    "ssf": "SSF's paper covers classification backbones; pass targets=[...] (e.g. [nn.Linear]) to place it",
+    "tsa": "TSA's paper covers classification ResNets; pass targets=[...] (e.g. resnets' convs)",
+}
+_JOINT = ("SD3/Flux joint blocks return (image, context) pairs from attn; DiffFit's branch scales are "
+          "implemented for diffusers BasicTransformerBlocks (SD UNets, DiT)")
 _UNET_ATTN = r".*\.attn\d+\.(to_q|to_k|to_v|to_out\.0)"
 register_architecture(Architecture(
     "unet", classes=(("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),),
     placements={"lora": _UNET_ATTN, "attention": r".*attentions\.\d+", "difffit": True,
                 "ia3": {"outputs": r".*\.attn\d+\.(to_k|to_v)", "inputs": r".*\.ff\.net\.2"}},
-    traits=_DIFFUSERS_TRAITS | {"layernorm", "norm"},
+    traits=_DIFFUSERS_TRAITS | {"layernorm", "norm"}, refusals=_DIFFUSION_REFUSALS,
     description="diffusers UNet2DConditionModel: SD 1.x, 2.x, SDXL (text_time conditioning)"))
 
 register_architecture(Architecture(
     "unet2d", classes=(("diffusers.models.unets.unet_2d", "UNet2DModel"),),
     placements={"lora": r".*attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)", "attention": r".*attentions\.\d+",
                 "ia3": {"outputs": r".*attentions\.\d+\.(to_k|to_v)"}, "tsa": r".*resnets\.\d+\.conv[12]"},
-    traits=frozenset({"diffusers", "attention", "norm"}), description="diffusers UNet2DModel (DDPM)"))
+    traits=frozenset({"diffusers", "attention", "norm"}), description="diffusers UNet2DModel (DDPM)",
+    refusals={**_DIFFUSION_REFUSALS, "difffit": "UNet2DModel has no transformer blocks"}))
 
 _DIT_BLOCK = r"transformer_blocks\.\d+"
 register_architecture(Architecture(
@@ -151,7 +171,7 @@ register_architecture(Architecture(
     placements={"lora": rf"{_DIT_BLOCK}\.attn\d\.(to_q|to_k|to_v|to_out\.0)", "attention": rf"{_DIT_BLOCK}\.attn\d",
                 "adaptformer": rf"{_DIT_BLOCK}\.ff", "difffit": True,
                 "ia3": {"outputs": rf"{_DIT_BLOCK}\.attn\d\.(to_k|to_v)", "inputs": rf"{_DIT_BLOCK}\.ff\.net\.2"}},
-    traits=_DIFFUSERS_TRAITS, description="diffusers DiT / Transformer2DModel"))
+    traits=_DIFFUSERS_TRAITS, refusals=_DIFFUSION_REFUSALS, description="diffusers DiT / Transformer2DModel"))
 
 _MMDIT_ATTN = r"(single_)?transformer_blocks\.\d+\.attn"
 _MMDIT = {
@@ -163,7 +183,9 @@ _MMDIT = {
 }
 register_architecture(Architecture(
     "sd3", classes=(("diffusers.models.transformers.transformer_sd3", "SD3Transformer2DModel"),),
-    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, description="diffusers SD3Transformer2DModel (MMDiT)"))
+    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals={**_DIFFUSION_REFUSALS, "difffit": _JOINT},
+    description="diffusers SD3Transformer2DModel (MMDiT)"))
 register_architecture(Architecture(
     "flux", classes=(("diffusers.models.transformers.transformer_flux", "FluxTransformer2DModel"),),
-    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, description="diffusers FluxTransformer2DModel"))
+    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals={**_DIFFUSION_REFUSALS, "difffit": _JOINT},
+    description="diffusers FluxTransformer2DModel"))

@@ -109,6 +109,7 @@ class AdaptFormer(Method):
     mergeable: ClassVar[bool] = False
     architectures: ClassVar = ()
     placed: ClassVar[bool] = True  # every transformer MLP of the registered families (families.py)
+    placed_where: ClassVar[str] = "AdaptFormer sits beside the MLPs of transformer blocks"
     summary: ClassVar[str] = "bottleneck branch s·up(ReLU(down(x))) parallel to each ViT MLP"
     paper: ClassVar[str] = "Chen et al., NeurIPS 2022"
     test_facts: ClassVar = MethodFacts(params_per_layer=lambda cfg, layer: adaptformer_params(cfg, layer))

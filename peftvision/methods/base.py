@@ -56,6 +56,7 @@ class Method:
     # the others run on the whole model (bias, norm, SV-Diff...) where the family has `needs`
     placed: ClassVar[bool] = False
     needs: ClassVar[str | None] = None  # a trait of the family, e.g. "batchnorm"
+    placed_where: ClassVar[str] = ""  # where a placed method goes, said when a family has no placement
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     test_facts: ClassVar[MethodFacts] = MethodFacts()
@@ -78,8 +79,9 @@ class Method:
     def default_targets(self, ctx: ApplyContext) -> TargetSpec:
         spec = ctx.placement(self)
         if spec is None:
+            reason = ctx.arch.refusals.get(self.name, "no default placement on this family")
             raise ctx.refusal(self, (
-                f" with no targets (no default placement on this family). Pass targets=[...] "
+                f" with no targets ({reason}). Pass targets=[...] "
                 f"({self.targets_hint}) or a named set ({', '.join(repr(n) for n in NAMED_SETS)}); "
                 f"modules of this model include: {ctx.example_names()}"))
         return spec
@@ -212,7 +214,9 @@ class ApplyContext:
                   or (GENERIC in method.architectures and (explicit or arch.name == GENERIC
                                                             or method.placed and hasattr(method, "targets"))))
         if not ok:
-            why = f" (it needs {method.needs!r} layers)" if method.needs else ""
+            reason = arch.refusals.get(method.name) or method.placed_where
+            why = (f": {reason}" if reason else f" (it needs a family with {method.needs!r})" if method.needs
+                   else " (no placement on this family)")
             raise self.refusal(method, why)
 
     def refusal(self, method: Method, why: str) -> UnsupportedArchitectureError:

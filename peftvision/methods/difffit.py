@@ -100,6 +100,7 @@ class DiffFit(Method):
     kind: ClassVar[str] = "additive"
     architectures: ClassVar = (GENERIC,)
     placed: ClassVar[bool] = True  # families with BasicTransformerBlocks (families.py), or any model that has them
+    placed_where: ClassVar[str] = "DiffFit's scales sit in diffusers BasicTransformerBlocks (SD UNets, DiT)"
     summary: ClassVar[str] = "bias + norm tuning and per-channel scales γ on transformer-block branches and q/k/v/out"
     paper: ClassVar[str] = "Xie et al., ICCV 2023"
 

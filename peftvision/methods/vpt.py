@@ -78,6 +78,7 @@ class VPT(Method):
     mergeable: ClassVar[bool] = False
     architectures: ClassVar = ()
     placed: ClassVar[bool] = True  # families with a plain token sequence (families.py)
+    placed_where: ClassVar[str] = "prompt tokens need a timm ViT's plain token sequence"
     summary: ClassVar[str] = "learnable prompt tokens before the first (shallow) or every (deep) block"
     paper: ClassVar[str] = "Jia et al., ECCV 2022"
     # prompts are extra tokens from the start; tokens x D per prompt set
