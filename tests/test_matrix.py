@@ -39,7 +39,7 @@ FAMILY_ARCH = {  # the registered family each zoo model must be recognised as
 }
 # Known merge inexactness owned by issue 11 item 3 (layers that transform their weight in forward,
 # timm's StdConv2d): merge must become exact or refuse; until then these cells skip the merge check.
-MERGE_KNOWN_INEXACT = {("resnetv2", m) for m in ("lora", "tsa", "ssf", "svdiff", "ia3")}
+MERGE_KNOWN_INEXACT = {("resnetv2", m) for m in ("lora", "tsa", "svdiff", "ia3")}
 
 
 def variants():
