@@ -36,6 +36,7 @@ from ..registry import register_method
 from ..surgery import BiasDecoupledConv1d, BiasDecoupledConv2d, BiasDecoupledConv3d
 from ..targets import GENERIC, TargetSpec
 from .base import ApplyContext, Method, MethodFacts
+from .ssf import channel_dim, plain_norm_forward
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -164,11 +165,12 @@ class SVDiff(Method):
         ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         # BatchNorm is not offered: its train-mode statistics make w + δ need BN's own forward
-        # a norm without affine has nothing to shift; a norm subclass with its own forward (timm's
-        # channel-first LayerNorm2d, GroupNormAct with its activation) is not F.layer_norm/group_norm
+        # a norm without affine has nothing to shift; timm's channel-first LayerNorm2d and its
+        # norm+activation layers (GroupNormAct...) are not the F.layer_norm / group_norm of `_run`
         found = [(n, m) for n, m in ctx.find(self, spec, allowed=SVDIFF_LAYERS)
                  if getattr(m, "weight", None) is not None
-                 and not (isinstance(m, _NORMS) and type(m).forward not in _PLAIN_FORWARDS)]
+                 and not (isinstance(m, _NORMS) and (plain_norm_forward(m) is not None
+                                                     or isinstance(m, nn.LayerNorm) and channel_dim(m) == 1))]
         if not found:
             raise UnsupportedArchitectureError("svdiff: the matched layers have no weight to shift")
         for name, _module in found:
