@@ -42,7 +42,10 @@ class Adapter(nn.Module):
 _TORCH_PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm,
                 nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm, nn.modules.instancenorm._InstanceNorm)
 _TIMM_PLAIN = {"timm.layers.norm": ("LayerNorm", "LayerNorm2d", "GroupNorm", "GroupNorm1"),
-               "timm.layers.linear": ("Linear",)}
+               "timm.layers.linear": ("Linear",),
+               # norm + activation in one forward: the norm uses its affine parameters as stored
+               "timm.layers.norm_act": ("BatchNormAct2d", "SyncBatchNormAct", "GroupNormAct",
+                                        "GroupNorm1Act", "LayerNormAct", "LayerNormAct2d")}
 
 
 def _plain_forwards() -> set:
@@ -201,6 +204,14 @@ def scaled_rows_overflow(weight: Tensor, scale: Tensor, rows_first: bool = True)
 class AdditiveDeltaLayer(AdapterLayer):
     """An adapter whose merge is W + ΔW (and b + Δb): subclasses implement `delta_weight`, or
     `add_delta_` where ΔW can be added without building it (e.g. LoRA's W.addmm_(B, A))."""
+
+    @property
+    def weight(self) -> Tensor:
+        """The adapted weight W + ΔW, for parents that read their child's `.weight` and run the
+        op themselves (timm EVA and BEiT: F.linear(x, self.qkv.weight, qkv_bias)): they then
+        compute the adapted result, with gradients reaching the adapter."""
+        weight = self.base_layer.weight  # a nested adapter's own adapted weight
+        return weight if self.merged else weight + self.delta_weight().to(weight.dtype)
 
     def delta_weight(self) -> Tensor:
         raise NotImplementedError

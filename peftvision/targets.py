@@ -40,17 +40,11 @@ def _loaded_class(module_name: str, class_name: str) -> type | None:
 
 
 def detect_architecture(model: nn.Module) -> str:
-    """"vit" (timm VisionTransformer), "resnet" (timm ResNet), "unet" (diffusers
-    UNet2DConditionModel) or "generic" (any other module: methods need explicit targets)."""
-    for arch, module_name, class_name in (
-        (VIT, "timm.models.vision_transformer", "VisionTransformer"),
-        (RESNET, "timm.models.resnet", "ResNet"),
-        (UNET, "diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),
-    ):
-        cls = _loaded_class(module_name, class_name)
-        if cls is not None and isinstance(model, cls):
-            return arch
-    return GENERIC
+    """The registered family of `model` ("vit", "resnet", "swin", "unet"...; see
+    architectures.py), or "generic" when no registration recognises it."""
+    from .architectures import detect_architecture as detect
+
+    return detect(model)
 
 
 def iter_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -89,7 +83,17 @@ def check_target_spec(method: str, spec: object) -> None:
                       f"names and/or nn.Module types, got {spec!r}")
 
 
+# Named target sets for models no registration covers: pass targets="all-linear".
+NAMED_SETS: dict[str, tuple[type[nn.Module], ...]] = {
+    "all-linear": (nn.Linear,),
+    "all-conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+}
+
+
 def _name_matcher(spec: TargetSpec) -> Callable[[str, nn.Module], bool]:
+    if isinstance(spec, str) and spec in NAMED_SETS:
+        types_ = NAMED_SETS[spec]
+        return lambda name, module: isinstance(module, types_)
     if isinstance(spec, str):
         pattern = re.compile(spec)
         return lambda name, module: pattern.fullmatch(name) is not None
@@ -137,7 +141,8 @@ def find_targets(
                 if examples else f"; this model has no {kinds} modules")
         raise TargetError(
             f"{method}: targets {spec!r} match no {kinds} module of {type(model).__name__}"
-            f"{hint}. Pass targets=[...] with module names, a regex, or module types."
+            f"{hint}. Pass targets=[...] with module names, a regex, module types, or a named set "
+            f"({', '.join(repr(n) for n in NAMED_SETS)})."
         )
     return found
 
@@ -147,14 +152,17 @@ def head_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     get_classifier = getattr(model, "get_classifier", None)
     if get_classifier is None:
         return []
-    head = get_classifier()
     from .layers import AdapterLayer
 
-    if isinstance(head, AdapterLayer):  # e.g. TSA's pre-classifier alignment wraps the head
-        head = head.weighted_layer
-    if head is None or not any(True for _ in head.parameters()):
-        return []
-    return [(name, module) for name, module in iter_base_modules(model) if module is head]
+    found = get_classifier()
+    heads = []  # DeiT distilled returns two heads (head, head_dist)
+    for head in found if isinstance(found, (tuple, list)) else (found,):
+        if isinstance(head, AdapterLayer):  # e.g. TSA's pre-classifier alignment wraps the head
+            head = head.weighted_layer
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            heads.append(head)
+    return [(name, module) for name, module in iter_base_modules(model)
+            if any(module is head for head in heads)]
 
 
 # ---- presets: default target specs per method and architecture ----------------------------

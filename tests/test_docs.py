@@ -17,3 +17,10 @@ def test_reproduce_choices_in_the_benchmark_guide_are_current():
 
     assert choices.embedded((DOCS / "benchmarks.md").read_text()) == choices.markdown(), \
         "docs/benchmarks.md is stale: paste `python -m benchmarks.reproduce.choices` over its block"
+
+
+def test_architectures_page_is_current():
+    from tools import architectures_page
+
+    assert (DOCS / "architectures.md").read_text() == architectures_page.page(), \
+        "docs/architectures.md is stale: run `python -m tools.architectures_page`"

@@ -190,7 +190,7 @@ def test_method_not_supported_by_the_architecture(arch, method, cls):
 # ---- rollback of a multi-method apply ------------------------------------------------------
 
 def test_failure_in_the_middle_of_a_multi_method_apply_rolls_back_everything():
-    # lora wraps the ResNet's block convs, then attention refuses the ResNet
+    # lora wraps the ResNet's block convs, then attention (no placement on ResNets) refuses it
     fails(fresh("resnet"), UnsupportedArchitectureError, "'attention' does not support ResNet",
           method=["bias", "lora", "attention"])
 

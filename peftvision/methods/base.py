@@ -3,19 +3,43 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
+import re
 import sys
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
+from ..architectures import GENERIC, Architecture, architectures, get_architecture
 from ..errors import ConfigError, UnsupportedArchitectureError, did_you_mean
 from ..layers import AdapterLayer
 from ..state import PeftState
-from ..surgery import Journal, wrap_module
-from ..targets import ARCHITECTURES, TargetSpec, check_target_spec, find_targets
+from ..surgery import Journal, get_module, get_submodule_parent, wrap_module
+from ..targets import (
+    ARCHITECTURES,
+    NAMED_SETS,
+    TargetSpec,
+    check_target_spec,
+    find_targets,
+    iter_base_modules,
+)
+
+
+@dataclass(frozen=True)
+class MethodFacts:
+    """What a method promises, declared beside it; the generated conformance matrix
+    (tests/test_matrix.py) checks each promise on every family the method runs on."""
+
+    identity_at_init: bool = True  # the adapted model starts exactly as the base model
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"": {}})  # label -> options
+    # trainable parameters one of its AdapterLayers adds, from the wrapped layer's shape
+    params_per_layer: Callable[[Any, AdapterLayer], int] | None = None
+    needs_data: bool = False  # chooses from data at apply time (SH-PEFT, SPT)
 
 
 @dataclass
@@ -26,9 +50,17 @@ class Method:
     aliases: ClassVar[tuple[str, ...]] = ()
     kind: ClassVar[str] = "selective"  # "selective" (chooses parameters) or "additive" (adds modules)
     mergeable: ClassVar[bool] = True
+    # "generic" here: runs on any model (with explicit targets where no placement exists)
     architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+    # placed methods take their default targets from the architecture registry (`placements`);
+    # the others run on the whole model (bias, norm, SV-Diff...) where the family has `needs`
+    placed: ClassVar[bool] = False
+    needs: ClassVar[str | None] = None  # a trait of the family, e.g. "batchnorm"
+    placed_where: ClassVar[str] = ""  # where a placed method goes, said when a family has no placement
+    placement_of: ClassVar[str] = ""  # share another method's default placements (e.g. "lora")
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    test_facts: ClassVar[MethodFacts] = MethodFacts()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_frozen", True)  # before validate: validate only checks
@@ -59,10 +91,29 @@ class Method:
         raise NotImplementedError
 
     def default_targets(self, ctx: ApplyContext) -> TargetSpec:
-        if ctx.architecture not in self.presets:
-            raise UnsupportedArchitectureError(
-                f"{self.name} on a {ctx.architecture} model needs targets=[...] ({self.targets_hint})")
-        return self.presets[ctx.architecture]
+        spec = ctx.placement(self)
+        if spec is None:
+            reason = ctx.arch.refusals.get(self.placement_name(), "no default placement on this family")
+            raise ctx.refusal(self, (
+                f" with no targets ({reason}). Pass targets=[...] "
+                f"({self.targets_hint}) or a named set ({', '.join(repr(n) for n in NAMED_SETS)}); "
+                f"modules of this model include: {ctx.example_names()}"))
+        return spec
+
+    @classmethod
+    def runs_on(cls, arch: Architecture) -> bool:
+        """Whether this method applies with no targets to a model of family `arch`."""
+        if cls.placement_name() in arch.placements or arch.name in cls.presets:
+            return True
+        if cls.placed or arch.name == GENERIC:
+            return False
+        generic = GENERIC in cls.architectures or arch.name in cls.architectures
+        return generic and (cls.needs is None or cls.needs in arch.traits)
+
+    @classmethod
+    def placement_name(cls) -> str:
+        """The method whose default placements this one uses (itself unless `placement_of`)."""
+        return cls.placement_of or cls.name
 
     def target_spec(self, ctx: ApplyContext) -> TargetSpec:
         """The user's targets, else the preset for the model's architecture."""
@@ -88,7 +139,9 @@ class Method:
     def info(cls):
         from ..registry import MethodInfo
 
-        return MethodInfo(cls.name, cls.aliases, cls.kind, cls.mergeable, cls.architectures,
+        families = tuple(name for name, arch in architectures().items() if cls.runs_on(arch))
+        generic = (GENERIC,) if GENERIC in cls.architectures else ()
+        return MethodInfo(cls.name, cls.aliases, cls.kind, cls.mergeable, families + generic,
                           cls.summary, cls.paper)
 
 
@@ -170,12 +223,48 @@ class ApplyContext:
         self.head_modules = head  # canonical names of the classifier head modules
         self.recorded: dict[str, Method] = {}  # method name -> the config that rebuilds its decisions
 
+    @property
+    def arch(self) -> Architecture:
+        return get_architecture(self.architecture)
+
+    def placement(self, method: Method) -> TargetSpec:
+        """`method`'s default targets on this model's family (None: it has none)."""
+        spec = self.arch.placement(method.placement_name(), self.model)
+        return spec if spec is not None else method.presets.get(self.architecture)
+
+    def read_by_parent(self, name: str) -> frozenset[str]:
+        """Attributes (other than forward) of module `name` that its parent's forward reads."""
+        parent, child = get_submodule_parent(self.model, name)
+        return frozenset(_attributes_read(type(_unwrapped(parent))).get(child, ())) - {"forward"}
+
+    def example_names(self, count: int = 8) -> str:
+        """Real module names of the model, to show in an error (layers with weights first)."""
+        names = [n for n, m in iter_base_modules(self.model)
+                 if n and isinstance(getattr(m, "weight", None), nn.Parameter)]
+        return ", ".join(names[:count]) or "(none with weights)"
+
     def require_architecture(self, method: Method, supported: Iterable[str] | None = None) -> None:
-        supported = tuple(supported or method.architectures)
-        if self.architecture not in supported:
-            raise UnsupportedArchitectureError(
-                f"method {method.name!r} does not support {type(self.model).__name__} "
-                f"(architecture {self.architecture!r}); it supports: {', '.join(supported)}")
+        """Refuse a method this model's family does not support (checked once, by apply)."""
+        arch = self.arch
+        if supported is not None:
+            ok = self.architecture in tuple(supported)
+        else:
+            explicit = getattr(method, "targets", None) is not None
+            ok = (type(method).runs_on(arch)
+                  or (GENERIC in method.architectures and (explicit or arch.name == GENERIC
+                                                            or method.placed and hasattr(method, "targets"))))
+        if not ok:
+            reason = arch.refusals.get(method.placement_name()) or method.placed_where
+            why = (f": {reason}" if reason else f" (it needs a family with {method.needs!r})" if method.needs
+                   else " (no placement on this family)")
+            raise self.refusal(method, why)
+
+    def refusal(self, method: Method, why: str) -> UnsupportedArchitectureError:
+        supported = type(method).info().architectures
+        return UnsupportedArchitectureError(
+            f"method {method.name!r} does not support {type(self.model).__name__} (architecture "
+            f"{self.architecture!r}){why}; it supports: {', '.join(supported) or 'none'}"
+            + (" (generic: any model, with explicit targets)" if GENERIC in supported else ""))
 
     def find(self, method: Method, spec: TargetSpec, allowed=(nn.Module,), exclude_head=True):
         exclude = sorted(self.head_modules) if exclude_head else ()
@@ -194,8 +283,11 @@ class ApplyContext:
 
     def wrap(self, method: Method, name: str, factory: Callable[[nn.Module], AdapterLayer],
              innermost: bool = False) -> AdapterLayer:
+        _check_float_weights(method, name, get_module(self.model, name))
         layer = wrap_module(self.model, name, factory, self.journal, innermost)
         layer.method_name = method.name
+        parent, child = get_submodule_parent(self.model, name)
+        _check_parent_access(method, name, _unwrapped(parent), child, layer)
         wrapped = self.state.wrapped.setdefault(method.name, [])
         if name not in wrapped:
             wrapped.append(name)
@@ -206,6 +298,57 @@ class ApplyContext:
         selection) as `config`: the value saved in adapter_config.json, which rebuilds the same
         layers. The user's config object is never changed."""
         self.recorded[method.name] = config
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+def _check_float_weights(method: Method, name: str, module: nn.Module) -> None:
+    weight = getattr(_unwrapped(module), "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
+        raise UnsupportedArchitectureError(
+            f"{method.name}: {name} holds {weight.dtype} (integer or quantized) weights; peftvision adapts "
+            "floating-point layers only. Dequantize the model first, or leave this layer out of targets")
+
+
+_PARENT_READS = re.compile(r"self\.(\w+)\.(\w+)")
+
+
+@functools.cache
+def _attributes_read(cls: type) -> dict[str, frozenset[str]]:
+    """child name -> attributes of it that `cls`'s forward code reads (self.child.attr); only
+    timm and diffusers classes are read (their source is plain Python we know the layout of)."""
+    reads: dict[str, set[str]] = {}
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or klass.__module__.split(".")[0] not in ("timm", "diffusers"):
+            continue
+        for fname, fn in vars(klass).items():  # what runs per call, not init or set-up code
+            if not (inspect.isfunction(fn) and any(k in fname for k in ("forward", "attn", "pos_embed"))):
+                continue
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            for child, attr in _PARENT_READS.findall(source):
+                reads.setdefault(child, set()).add(attr)
+    return {k: frozenset(v) for k, v in reads.items()}
+
+
+def _check_parent_access(method: Method, name: str, parent: nn.Module, child: str, layer: AdapterLayer) -> None:
+    """Refuse a wrapper whose parent reads attributes of the wrapped child that the wrapper cannot
+    give correctly (EVA reads qkv.weight: an additive ΔW gives W + ΔW; MaxViT calls
+    rel_pos.get_bias(), which no wrapper can adapt): never a crash or a silently ignored adapter."""
+    missing = sorted(a for a in _attributes_read(type(parent)).get(child, ())
+                     if a != "forward" and not hasattr(type(layer), a)
+                     and a not in layer._parameters and a not in layer._buffers and a not in layer._modules)
+    if missing:
+        reads = ", ".join(f"{child}.{a}" for a in missing)
+        raise UnsupportedArchitectureError(
+            f"{method.name} cannot adapt {name}: its parent {type(parent).__name__} reads {reads} "
+            f"directly, which a {type(layer).__name__} cannot provide adapted. Leave {name} out of targets")
 
 
 def parameters_under(prefix: str, module: nn.Module, recurse: bool = True):

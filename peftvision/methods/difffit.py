@@ -31,7 +31,7 @@ from ..affine import affine
 from ..errors import UnsupportedArchitectureError
 from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact, scaled_rows_overflow
 from ..registry import register_method
-from ..targets import GENERIC, NORM_TYPES, UNET, _loaded_class
+from ..targets import GENERIC, NORM_TYPES, _loaded_class
 from .base import ApplyContext, Method, parameters_under
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -108,7 +108,9 @@ class DiffFit(Method):
 
     name: ClassVar[str] = "difffit"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (UNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True  # families with BasicTransformerBlocks (families.py), or any model that has them
+    placed_where: ClassVar[str] = "DiffFit's scales sit in diffusers BasicTransformerBlocks (SD UNets, DiT)"
     summary: ClassVar[str] = "bias + norm tuning and per-channel scales γ on transformer-block branches and q/k/v/out"
     paper: ClassVar[str] = "Xie et al., ICCV 2023"
 

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..layers import AdapterLayer, adapter_dtype
 from ..registry import register_method
-from .lora import LoRA, LoRAConv, LoRALayer, LoRALinear
+from .base import MethodFacts
+from .lora import LoRA, LoRAConv, LoRALayer, LoRALinear, lora_params
 
 
 class DoRAMixin(LoRALayer):
@@ -118,6 +119,10 @@ class DoRA(LoRA):
     name: ClassVar[str] = "dora"
     summary: ClassVar[str] = "LoRA direction + trained magnitude: m·(W0+ΔW)/‖W0+ΔW‖ on Linear/Conv"
     paper: ClassVar[str] = "Liu et al., ICML 2024"
+    # LoRA's count plus one magnitude per output; DoRA normalises whole rows, so no qkv_parts
+    test_facts: ClassVar = MethodFacts(
+        variants={"": {"r": 4}},
+        params_per_layer=lambda cfg, layer: lora_params(cfg, layer) + layer.weighted_layer.weight.shape[0])
 
     def validate(self) -> None:
         super().validate()

@@ -22,12 +22,6 @@ from ..layers import DenseDeltaLayer, like_kwargs
 from ..registry import register_method
 from ..targets import (
     GENERIC,
-    RESNET,
-    RESNET_BLOCK_CONVS,
-    UNET,
-    UNET_ATTENTION_PROJ,
-    VIT,
-    VIT_QKV,
     TargetSpec,
 )
 from .base import ApplyContext, Method, number_in, positive_int
@@ -101,10 +95,11 @@ class LoKr(Method):
 
     name: ClassVar[str] = "lokr"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (VIT, RESNET, UNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True
+    placement_of: ClassVar[str] = "lora"  # LoRA's default targets on every family (families.py)
     summary: ClassVar[str] = "ΔW = (alpha/r)·W1 ⊗ (W2a·W2b) on Linear/Conv layers (ViT qkv by default)"
     paper: ClassVar[str] = "Yeh et al., ICLR 2024 (LyCORIS)"
-    presets: ClassVar = {VIT: VIT_QKV, RESNET: RESNET_BLOCK_CONVS, UNET: UNET_ATTENTION_PROJ}
     targets_hint: ClassVar[str] = "module names, a regex, or types such as nn.Linear"
 
     def validate(self) -> None:

@@ -21,20 +21,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdditiveDeltaLayer, like_kwargs
 from ..registry import register_method
-from ..targets import (
-    GENERIC,
-    RESNET,
-    RESNET_BLOCK_CONVS,
-    UNET,
-    UNET_ATTENTION_PROJ,
-    VIT,
-    VIT_QKV,
-    TargetSpec,
-)
-from .base import ApplyContext, Method, number_in, positive_int
+from ..targets import GENERIC, TargetSpec
+from .base import ApplyContext, Method, MethodFacts, number_in, positive_int
 
 QKV = "qkv"
 INITS = ("kaiming", "gaussian", "pissa", "olora")
@@ -241,6 +232,16 @@ class LoRAConv(LoRALayer):
         weight.view(g, b.shape[1], -1).baddbmm_(b, a, alpha=sign * self.scaling)  # in place
 
 
+def lora_params(config: LoRA, layer: LoRALayer) -> int:
+    """r·(in + out) per adapted matrix; a conv's "in" is C_in·k·k; a fused qkv slice is D wide."""
+    base = layer.weighted_layer
+    if isinstance(layer, LoRAFusedLinear):
+        return len(layer.slots) * config.r * (base.in_features + base.out_features // len(QKV))
+    if isinstance(base, nn.Linear):
+        return config.r * (base.in_features + base.out_features)
+    return config.r * (base.in_channels * math.prod(base.kernel_size) + base.out_channels)
+
+
 @register_method
 @dataclass
 class LoRA(Method):
@@ -257,11 +258,14 @@ class LoRA(Method):
 
     name: ClassVar[str] = "lora"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (VIT, RESNET, UNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True  # defaults: the architecture registry (families.py)
+    placement_of: ClassVar[str] = "lora"  # DoRA, a LoRA subclass, shares these
     summary: ClassVar[str] = "low-rank ΔW = (alpha/r)·B·A on Linear/Conv layers (ViT qkv by default)"
     paper: ClassVar[str] = "Hu et al., ICLR 2022"
-    presets: ClassVar = {VIT: VIT_QKV, RESNET: RESNET_BLOCK_CONVS, UNET: UNET_ATTENTION_PROJ}
     targets_hint: ClassVar[str] = "module names, a regex, or types such as nn.Linear"
+    test_facts: ClassVar = MethodFacts(variants={"": {"r": 4}, "qv": {"r": 4, "qkv_parts": "qv"}},
+                                       params_per_layer=lora_params)
 
     def validate(self) -> None:
         positive_int(self.name, "r", self.r)
@@ -309,6 +313,10 @@ class LoRA(Method):
         for name, module in ctx.find(self, spec, allowed=allowed):
             if isinstance(module, nn.Linear):
                 fused = parts is not None and parts != QKV and name.endswith(QKV)
+                if fused and ctx.architecture != GENERIC and "qkv-thirds" not in ctx.arch.traits:
+                    raise UnsupportedArchitectureError(  # e.g. MaxxVit interleaves q, k, v per head
+                        f"lora: qkv_parts={self.qkv_parts!r} needs a qkv laid out [q; k; v]; "
+                        f"{type(ctx.model).__name__}'s is not. Leave qkv_parts unset to adapt all of it")
                 factory = (
                     (lambda m: LoRAFusedLinear(m, parts, self.r, alpha, **opts)) if fused
                     else (lambda m: linear_cls(m, self.r, alpha, **opts))

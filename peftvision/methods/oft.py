@@ -17,18 +17,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ..errors import ConfigError
-from ..layers import AdapterLayer, like_kwargs
+from ..layers import AdapterLayer, like_kwargs, weight_transform
 from ..registry import register_method
 from ..targets import (
     GENERIC,
-    RESNET,
-    RESNET_BLOCK_CONVS,
-    UNET,
-    UNET_ATTENTION_PROJ,
-    VIT,
-    VIT_QKV,
     TargetSpec,
 )
 from .base import ApplyContext, Method, positive_int
@@ -73,12 +68,24 @@ class OFTLayer(AdapterLayer):
         spec = "oik,ikc->oic" if inverse else "oik,ick->oic"
         return torch.einsum(spec, w, rot).reshape(weight.shape)
 
+    @property
+    def weight(self) -> Tensor:
+        """W0·Rᵀ, for parents that read their child's `.weight` and run the op themselves (timm
+        EVA, BEiT, Swin v2 qkv): they then compute the adapted result."""
+        base = self.base_layer.weight
+        if self.merged:
+            return base
+        rot = self.rotation()
+        return self._rotate(base.to(rot.dtype), rot).to(base.dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         layer = self.weighted_layer
         if self.merged:
             return self.base_layer(x)
         rot = self.rotation()  # (blocks, b, b), float32 or wider
         weight = self._rotate(layer.weight.to(rot.dtype), rot).to(x.dtype)  # (out, in/g, *k)
+        if weight_transform(layer):  # e.g. timm's StdConv2d: its own forward on the rotated weight
+            return functional_call(layer, {"weight": weight}, (x,))
         if isinstance(layer, nn.Linear):
             return F.linear(x, weight, layer.bias)  # (..., out)
         return layer._conv_forward(x, weight, layer.bias)  # (B, out, *spatial')
@@ -100,10 +107,11 @@ class OFT(Method):
 
     name: ClassVar[str] = "oft"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (VIT, RESNET, UNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True
+    placement_of: ClassVar[str] = "lora"  # LoRA's default targets on every family (families.py)
     summary: ClassVar[str] = "W0·Rᵀ, R block-diagonal orthogonal (Cayley) on Linear/Conv layers (ViT qkv by default)"
     paper: ClassVar[str] = "Qiu et al., NeurIPS 2023"
-    presets: ClassVar = {VIT: VIT_QKV, RESNET: RESNET_BLOCK_CONVS, UNET: UNET_ATTENTION_PROJ}
     targets_hint: ClassVar[str] = "module names, a regex, or types such as nn.Linear"
 
     def validate(self) -> None:

@@ -9,16 +9,7 @@ from torch import nn
 
 from ..errors import TargetError, UnsupportedArchitectureError
 from ..registry import register_method
-from ..targets import (
-    GENERIC,
-    NORM_TYPES,
-    RESNET,
-    UNET,
-    UNET_ATTENTIONS,
-    VIT,
-    VIT_ATTENTION,
-    TargetSpec,
-)
+from ..targets import NORM_TYPES, TargetSpec
 from .base import ApplyContext, Method, parameters_under
 
 
@@ -42,7 +33,12 @@ class SelectiveMethod(Method):
         ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         # spec None: the whole model (cheaper than matching every module)
-        modules = [("", ctx.model)] if spec is None else ctx.find(self, spec, allowed=self.module_types)
+        try:
+            modules = [("", ctx.model)] if spec is None else ctx.find(self, spec, allowed=self.module_types)
+        except TargetError as exc:
+            if getattr(self, "targets", None) is not None:
+                raise
+            raise UnsupportedArchitectureError(f"{self.name}: {exc}") from exc  # e.g. no BatchNorm at all
         chosen: dict[str, nn.Parameter] = {}
         for name, module in modules:
             for canonical, param in parameters_under(name, module):
@@ -96,7 +92,7 @@ class Full(SelectiveMethod):
 class Linear(SelectiveMethod):
     name: ClassVar[str] = "linear"
     aliases: ClassVar[tuple[str, ...]] = ("linear_probe",)
-    architectures: ClassVar[tuple[str, ...]] = (VIT, RESNET, GENERIC)
+    needs: ClassVar[str] = "classifier"
     summary: ClassVar[str] = "linear probing: only the classifier head trains"
 
     def apply_to(self, ctx: ApplyContext) -> None:
@@ -130,7 +126,7 @@ class Bias(SelectiveMethod):
 class BatchNorm(SelectiveMethod):
     name: ClassVar[str] = "batchnorm"
     module_types: ClassVar = (nn.modules.batchnorm._BatchNorm,)
-    architectures: ClassVar[tuple[str, ...]] = (RESNET, GENERIC)
+    needs: ClassVar[str] = "batchnorm"
     summary: ClassVar[str] = "BatchNorm affine parameters train"
 
 
@@ -139,7 +135,7 @@ class BatchNorm(SelectiveMethod):
 class LayerNorm(SelectiveMethod):
     name: ClassVar[str] = "layernorm"
     module_types: ClassVar = (nn.LayerNorm,)
-    architectures: ClassVar[tuple[str, ...]] = (VIT, UNET, GENERIC)
+    needs: ClassVar[str] = "layernorm"
     summary: ClassVar[str] = "LayerNorm affine parameters train"
 
 
@@ -148,6 +144,7 @@ class LayerNorm(SelectiveMethod):
 class Norm(SelectiveMethod):
     name: ClassVar[str] = "norm"
     module_types: ClassVar = NORM_TYPES
+    needs: ClassVar[str] = "norm"
     summary: ClassVar[str] = "every normalisation layer's affine parameters train"
 
 
@@ -155,10 +152,8 @@ class Norm(SelectiveMethod):
 @dataclass
 class Attention(SelectiveMethod):
     name: ClassVar[str] = "attention"
-    architectures: ClassVar[tuple[str, ...]] = (VIT, UNET, GENERIC)
+    placed: ClassVar[bool] = True  # the attention modules of each family (families.py)
     summary: ClassVar[str] = "attention tuning: ViT `attn` modules, UNet `attentions` blocks"
-
-    presets: ClassVar = {VIT: VIT_ATTENTION, UNET: UNET_ATTENTIONS}
     targets_hint: ClassVar[str] = "names of its attention modules"
 
     def default_targets(self, ctx):  # the presets, not SelectiveMethod's module types

@@ -15,8 +15,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..state import iter_buffers
-from ..targets import ARCHITECTURES, UNET, TargetSpec, check_target_spec
-from .base import ApplyContext, Method, number_in, positive_int
+from ..targets import ARCHITECTURES, TargetSpec, check_target_spec
+from .base import ApplyContext, Method, MethodFacts, number_in, positive_int
 from .sparse_layers import SparseDeltaLayer
 from .sparse_selection import ScopeEntry, recorded_selection, scope_entries, wrap_sparse
 
@@ -41,6 +41,7 @@ class SparseMethod(Method):
     kind: ClassVar[str] = "additive"
     architectures: ClassVar = ARCHITECTURES
     runtime_fields: ClassVar[tuple[str, ...]] = ("data", "loss_fn")
+    test_facts: ClassVar = MethodFacts(needs_data=True)  # tests/test_sparse_methods.py
 
     def validate(self) -> None:
         if self.fraction is not None and self.count is not None:
@@ -103,8 +104,8 @@ class SparseMethod(Method):
             if self.data is None:
                 raise ConfigError(f"{self.name} chooses its weights from data: pass "
                                   f"data=<iterable of (inputs, targets)>, e.g. a DataLoader")
-            if self.loss_fn is None and ctx.architecture == UNET:
-                raise ConfigError(f"{self.name} on a UNet needs loss_fn=(output, targets) -> loss")
+            if self.loss_fn is None and "diffusers" in ctx.arch.traits:
+                raise ConfigError(f"{self.name} on a diffusion model needs loss_fn=(output, targets) -> loss")
             sparse, lora = self.choose(ctx, entries)
             # the model's record keeps the choice, without the data; this config stays as it was
             runtime = dict.fromkeys(self.runtime_fields)

@@ -35,7 +35,9 @@ def scope_entries(ctx: ApplyContext, method: SparseMethod) -> list[ScopeEntry]:
     owners: dict[int, str] = {}
     for canonical, param in pairs:
         module, _, attr = canonical.rpartition(".")
-        if (canonical in entries or not module or not param.is_floating_point()
+        # modules whose parent reads them directly (EVA's qkv.weight, MaxViT's rel_pos.get_bias())
+        # cannot be wrapped, so their tensors are out of scope rather than silently unadapted
+        if (canonical in entries or not module or not param.is_floating_point() or ctx.read_by_parent(module)
                 or canonical in ctx.state.selected
                 or any(canonical.startswith(h + ".") for h in ctx.head_modules)):
             continue

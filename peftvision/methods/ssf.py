@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..affine import affine
+from ..errors import UnsupportedArchitectureError
 from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact, scaled_rows_overflow
 from ..registry import register_method
-from ..targets import GENERIC, RESNET, VIT, VIT_SSF, TargetSpec, _loaded_class
-from .base import ApplyContext, Method, number_in
+from ..targets import GENERIC, NORM_TYPES, TargetSpec, _loaded_class
+from .base import ApplyContext, Method, MethodFacts, number_in
 
 _CHANNEL_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
                   nn.modules.instancenorm._InstanceNorm)
@@ -49,10 +50,28 @@ def _is_plain_layer_norm(layer: nn.Module) -> bool:
     return timm_ln is not None and type(layer) is timm_ln and not getattr(layer, "_fast_norm", True)
 
 
+def plain_norm_forward(layer: nn.Module):
+    """For timm's norm+activation layers (BatchNormAct2d, GroupNormAct...: norm, then drop, then
+    act in one forward), the torch norm forward they extend; None for any other layer."""
+    if not isinstance(getattr(layer, "act", None), nn.Module) or not type(layer).__module__.startswith("timm"):
+        return None
+    for cls in type(layer).__mro__:
+        if cls.__module__.startswith("torch.nn") and cls in (*NORM_TYPES, nn.BatchNorm1d, nn.BatchNorm2d,
+                                                             nn.BatchNorm3d):
+            return cls.forward
+    return None
+
+
 class SSFLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, init_std: float = 0.02) -> None:
         super().__init__(base_layer)
         layer = self.weighted_layer
+        # a norm+act layer: SSF goes between its norm and its activation, so it still folds into
+        # the norm's affine parameters on merge (after the activation it could not)
+        self.norm_forward = plain_norm_forward(layer)
+        if self.norm_forward is not None and base_layer is not layer:
+            raise UnsupportedArchitectureError(
+                f"ssf on a {type(layer).__name__} that another adapter already wraps; apply ssf first")
         self.channel_dim = channel_dim(layer)
         channels = out_channels(layer)
         ref = next(layer.parameters(), None)
@@ -66,11 +85,16 @@ class SSFLayer(AdapterLayer):
         return v.view(shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.norm_forward is not None:  # norm -> SSF -> drop -> act
+            layer = self.base_layer
+            out = self.norm_forward(layer, x)
+            return layer.act(layer.drop(out if self.merged else self._scale_shift(out)))
         if not self.merged and _is_plain_layer_norm(self.base_layer):
             return self._scaled_layer_norm(x)
         out = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return out
+        return out if self.merged else self._scale_shift(out)
+
+    def _scale_shift(self, out: Tensor) -> Tensor:
         scale, shift = self.ssf_scale.to(out.dtype), self.ssf_shift.to(out.dtype)  # an fp32 adapter on half
         return affine(out, scale, shift, self.channel_dim)  # keeps y, not out
 
@@ -122,12 +146,15 @@ class SSF(Method):
 
     name: ClassVar[str] = "ssf"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (VIT, RESNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True  # defaults: the architecture registry (families.py)
     summary: ClassVar[str] = "per-channel scale γ and shift β after ViT linears/norms or CNN BatchNorms"
     paper: ClassVar[str] = "Lian et al., NeurIPS 2022"
-    # ResNet: after every BatchNorm, since SSF before a train-mode BN would be normalised away
-    presets: ClassVar = {VIT: VIT_SSF, RESNET: [nn.modules.batchnorm._BatchNorm]}
+    # CNNs: after every norm, since SSF before a train-mode BN would be normalised away
     targets_hint: ClassVar[str] = "e.g. [nn.Linear, nn.LayerNorm]"
+    # γ ~ N(1, .02), β ~ N(0, .02) (the paper's init): near, not at, the base model
+    test_facts: ClassVar = MethodFacts(identity_at_init=False,
+                                       params_per_layer=lambda cfg, layer: 2 * out_channels(layer.weighted_layer))
 
     def validate(self) -> None:
         number_in(self.name, "init_std", self.init_std, 0, 1)

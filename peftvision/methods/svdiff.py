@@ -47,8 +47,9 @@ from ..layers import AdditiveDeltaLayer, like_kwargs
 from ..progress import progress
 from ..registry import register_method
 from ..surgery import BiasDecoupledConv1d, BiasDecoupledConv2d, BiasDecoupledConv3d
-from ..targets import GENERIC, RESNET, UNET, VIT, TargetSpec
-from .base import ApplyContext, Method
+from ..targets import GENERIC, TargetSpec
+from .base import ApplyContext, Method, MethodFacts
+from .ssf import channel_dim, plain_norm_forward
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = (nn.LayerNorm, nn.GroupNorm)
@@ -190,6 +191,14 @@ class SpectralShift(AdditiveDeltaLayer):
         mat.addmm_(self.svd_u * self._shift(), self.svd_vh, alpha=sign)
 
 
+def svdiff_params(layer: nn.Module) -> int:
+    """One δ per singular value of C_out x (C_in/g·k·k), or per entry of a norm's weight."""
+    weight = layer.weight
+    if isinstance(layer, _NORMS):
+        return weight.numel()
+    return min(weight.shape[0], weight[0].numel())
+
+
 @register_method
 @dataclass
 class SVDiff(Method):
@@ -200,19 +209,25 @@ class SVDiff(Method):
     name: ClassVar[str] = "svdiff"
     aliases: ClassVar[tuple[str, ...]] = ("sv-diff",)
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (UNET, VIT, RESNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
     summary: ClassVar[str] = "singular-value shifts W = U·diag(ReLU(σ+δ))·Vᵀ of Linear/Conv, δ on norm weights"
     paper: ClassVar[str] = "Han et al., ICCV 2023"
-    # every weight the reference shifts (ResNet's BatchNorms excepted: see apply_to)
-    presets: ClassVar = {arch: list(SVDIFF_LAYERS) for arch in (UNET, VIT, RESNET)}
     targets_hint: ClassVar[str] = "e.g. [nn.Linear, nn.Conv2d, nn.GroupNorm]"
+    test_facts: ClassVar = MethodFacts(params_per_layer=lambda cfg, layer: svdiff_params(layer.weighted_layer))
+
+    def default_targets(self, ctx: ApplyContext) -> TargetSpec:
+        return list(SVDIFF_LAYERS)  # every weight the reference shifts (BatchNorms excepted: below)
 
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         # BatchNorm is not offered: its train-mode statistics make w + δ need BN's own forward
+        # a norm without affine has nothing to shift; timm's channel-first LayerNorm2d and its
+        # norm+activation layers (GroupNormAct...) are not the F.layer_norm / group_norm of `_run`
         found = [(n, m) for n, m in ctx.find(self, spec, allowed=SVDIFF_LAYERS)
-                 if getattr(m, "weight", None) is not None]  # a norm without affine has nothing to shift
+                 if getattr(m, "weight", None) is not None
+                 and not (isinstance(m, _NORMS) and (plain_norm_forward(m) is not None
+                                                     or isinstance(m, nn.LayerNorm) and channel_dim(m) == 1))]
         if not found:
             raise UnsupportedArchitectureError("svdiff: the matched layers have no weight to shift")
         # one SVD per layer at apply time: ~70 s on ViT-B on a CPU, minutes on SD-1.5

@@ -19,8 +19,8 @@ from ..errors import UnsupportedArchitectureError
 from ..layers import AdapterLayer, AdditiveDeltaLayer, like_kwargs
 from ..registry import register_method
 from ..surgery import get_module
-from ..targets import GENERIC, RESNET, RESNET_BLOCK_CONVS, TargetSpec
-from .base import ApplyContext, Method
+from ..targets import GENERIC, TargetSpec
+from .base import ApplyContext, Method, MethodFacts
 
 
 def centre_tap_mergeable(conv: nn.Conv2d) -> str:
@@ -97,11 +97,15 @@ class TSA(Method):
 
     name: ClassVar[str] = "tsa"
     kind: ClassVar[str] = "additive"
-    architectures: ClassVar = (RESNET, GENERIC)
+    architectures: ClassVar = (GENERIC,)
+    placed: ClassVar[bool] = True  # defaults: the architecture registry (families.py)
     summary: ClassVar[str] = "parallel 1x1 conv α beside each residual-block conv (+ optional β)"
     paper: ClassVar[str] = "Li et al., CVPR 2022"
-    presets: ClassVar = {RESNET: RESNET_BLOCK_CONVS}
     targets_hint: ClassVar[str] = "names of its convs"
+    test_facts: ClassVar = MethodFacts(  # α: C_out x C_in per conv; β: F x F
+        variants={"": {}, "alignment": {"alignment": True}},
+        params_per_layer=lambda cfg, layer: (layer.weighted_layer.in_features ** 2 if isinstance(layer, TSAAlignment)
+                                             else layer.weighted_layer.out_channels * layer.weighted_layer.in_channels))
 
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)

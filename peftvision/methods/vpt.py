@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdapterLayer, like_kwargs
 from ..registry import register_method
-from ..targets import VIT
-from .base import ApplyContext, Method, number_in, positive_int
+from .base import ApplyContext, Method, MethodFacts, number_in, positive_int
 
 DEFAULT_TOKENS = {"shallow": 5, "deep": 10}
 
@@ -43,7 +42,7 @@ class PromptTokens(PromptLayer):
 
     def __init__(self, base_layer, offset, tokens, width, init_bound, dropout, replace, like):
         super().__init__(base_layer, offset, tokens)
-        self.replace = replace
+        self.replace, self.width = replace, width
         self.prompts = nn.Parameter(torch.empty(1, tokens, width, **like_kwargs(like)))
         nn.init.uniform_(self.prompts, -init_bound, init_bound)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -78,9 +77,15 @@ class VPT(Method):
     name: ClassVar[str] = "vpt"
     kind: ClassVar[str] = "additive"
     mergeable: ClassVar[bool] = False
-    architectures: ClassVar = (VIT,)
+    architectures: ClassVar = ()
+    placed: ClassVar[bool] = True  # families with a plain token sequence (families.py)
+    placed_where: ClassVar[str] = "prompt tokens need a timm ViT's plain token sequence"
     summary: ClassVar[str] = "learnable prompt tokens before the first (shallow) or every (deep) block"
     paper: ClassVar[str] = "Jia et al., ECCV 2022"
+    # prompts are extra tokens from the start; tokens x D per prompt set
+    test_facts: ClassVar = MethodFacts(
+        identity_at_init=False, variants={"shallow": {"mode": "shallow"}, "deep": {"mode": "deep"}},
+        params_per_layer=lambda cfg, layer: layer.tokens * layer.width if isinstance(layer, PromptTokens) else 0)
 
     def validate(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in DEFAULT_TOKENS:
