@@ -15,8 +15,17 @@ from .identity import base_identity
 from .layers import AdapterLayer, adapter_dtype_scope
 from .log import log_apply
 from .methods.base import ApplyContext, Method, make_config
+from .named import activate, check_adapter_name, install, register, slot_tensor, tensor_slots
 from .registry import get_method
-from .state import STATE_ATTR, PeftState, get_state, iter_buffers, iter_parameters, require_state
+from .state import (
+    STATE_ATTR,
+    AdapterSet,
+    PeftState,
+    get_adapters,
+    iter_buffers,
+    iter_parameters,
+    require_state,
+)
 from .surgery import Journal, decouple_conv_biases, get_module, restore_conv_classes, unwrap_all
 from .targets import detect_architecture, head_modules
 from .wrappers import unwrap
@@ -81,7 +90,7 @@ def check_adapter_dtype(value: Any) -> torch.dtype | str | None:
                       f"floating torch dtype such as torch.float32, got {value!r}")
 
 
-def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
+def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *, adapter_name: str | None = None,
           train_head: bool | None = None, keep_original: bool | None = None,
           adapter_dtype: torch.dtype | str | None = None, fast_conv_bias: bool | None = None,
           **cfg: Any) -> ModelT:
@@ -91,6 +100,11 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
     and what was applied is recorded on the model (peftvision.applied). On any error the model
     is left as it was. `train_head`, `keep_original` and `fast_conv_bias` are decided by the
     first apply; later calls keep them.
+
+    adapter_name: the named adapter to add the methods to (peftvision.named). The first one is
+    "default" when not named; None later means the only (or the only active) adapter. A new name
+    adds an adapter with its own parameters, head and BatchNorm statistics, applied as if it
+    were alone on the model; it starts inactive (peftvision.set_adapter activates it).
 
     keep_original (default True): keep a copy of every user tensor training can change (selected
     parameters, the head, buffers such as BatchNorm statistics) so that unload(merge=False)
@@ -110,54 +124,78 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
     wrapper, model = model, unwrap(model)
     methods = resolve_methods(method, cfg)
     adapter_dtype = check_adapter_dtype(adapter_dtype)
-    previous = get_state(model)
+    found = get_adapters(model)
+    own = check_adapter_name(adapter_name, found)
+    first = found.first if found is not None else None  # model-wide choices come from it
+    previous = found.states.get(own) if found is not None else None
     if train_head is None:
-        train_head = previous.train_head if previous is not None else True
+        train_head = first.train_head if first is not None else True
     if keep_original is None:
-        keep_original = previous.keep_original if previous is not None else True
+        keep_original = first.keep_original if first is not None else True
     if not isinstance(train_head, bool) or not isinstance(keep_original, bool):
         raise ConfigError(f"train_head and keep_original must be True or False, got "
                           f"{train_head!r} and {keep_original!r}")
     if fast_conv_bias is None:
-        fast_conv_bias = previous.fast_conv_bias if previous is not None else True
+        fast_conv_bias = first.fast_conv_bias if first is not None else True
     if not isinstance(fast_conv_bias, bool):
         raise ConfigError(f"fast_conv_bias must be True or False, got {fast_conv_bias!r}")
-    if previous is not None:
-        if train_head != previous.train_head:
+    if first is not None:
+        if train_head != first.train_head:
             raise ConfigError(f"train_head={train_head} differs from the first apply "
-                              f"(train_head={previous.train_head}); unload and apply again to change it")
-        if keep_original != previous.keep_original:
+                              f"(train_head={first.train_head}); unload and apply again to change it")
+        if keep_original != first.keep_original:
             raise ConfigError(f"keep_original={keep_original} differs from the first apply "
-                              f"(keep_original={previous.keep_original}); unload and apply again to change it")
-        if fast_conv_bias != previous.fast_conv_bias:
+                              f"(keep_original={first.keep_original}); unload and apply again to change it")
+        if fast_conv_bias != first.fast_conv_bias:
             raise ConfigError(f"fast_conv_bias={fast_conv_bias} differs from the first apply "
-                              f"(fast_conv_bias={previous.fast_conv_bias}); unload and apply again "
+                              f"(fast_conv_bias={first.fast_conv_bias}); unload and apply again "
                               "to change it")
         if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
             raise MergeError("the model's adapters are merged; call peftvision.unmerge(model) "
                              "before applying more methods")
+        if previous is None and not keep_original:
+            raise ConfigError(f"adapter {own!r} would be a second adapter, which starts from the "
+                              "base model's values: that needs apply(keep_original=True) (the "
+                              "default) on the first apply")
+    if previous is not None:
         applied = {m.name for m in previous.methods}
         again = [m.name for m in methods if m.name in applied]
         if again:
-            raise ConfigError(f"method(s) {again} are already applied to this model")
+            where = "this model" if len(found.states) == 1 else f"adapter {own!r}"
+            raise ConfigError(f"method(s) {again} are already applied to {where}"
+                              + ("" if len(found.states) > 1 else
+                                 "; add another adapter with apply(..., adapter_name='name')"))
     check_combination([m.name for m in (previous.methods if previous else [])] + [m.name for m in methods])
-    state = copy.deepcopy(previous) if previous is not None else PeftState(
-        architecture=detect_architecture(model),
-        base_identity=base_identity(model),
-        original_requires_grad={e.canonical: e.param.requires_grad for e in iter_parameters(model)},
-        train_head=train_head,
-        keep_original=keep_original,
-        base_keys=list(model.state_dict()),
-        fast_conv_bias=fast_conv_bias,
-    )
-    if previous is None:  # buffers change in train mode whatever the method (BatchNorm statistics)
+    if previous is not None:
+        state = copy.deepcopy(previous)
+    elif first is not None:  # a new adapter beside others: the same base, nothing applied yet
+        state = PeftState(
+            architecture=first.architecture, base_identity=first.base_identity,
+            original_requires_grad=first.original_requires_grad, train_head=train_head,
+            keep_original=keep_original, base_keys=first.base_keys, fast_conv_bias=fast_conv_bias,
+            adapter_name=own, originals=found.originals)
+    else:
+        state = PeftState(
+            architecture=detect_architecture(model),
+            base_identity=base_identity(model),
+            original_requires_grad={e.canonical: e.param.requires_grad for e in iter_parameters(model)},
+            train_head=train_head,
+            keep_original=keep_original,
+            base_keys=list(model.state_dict()),
+            fast_conv_bias=fast_conv_bias,
+            adapter_name=own,
+        )
+        # buffers change in train mode whatever the method (BatchNorm statistics)
         for entry in iter_buffers(model):
             if entry.adapter is None:
                 state.keep(entry.canonical, getattr(entry.module, entry.attr))
+    restore_active = found.active if found is not None else None
     grad_before = {e.param: e.param.requires_grad for e in iter_parameters(model)}
     journal = Journal()
     try:
-        if previous is None:
+        if found is not None:  # apply as if this adapter were alone on the model
+            activate(model, (own,) if previous is not None else ())
+        if first is None:
             model.requires_grad_(False)
         heads = {name for name, _ in head_modules(model)}
         ctx = ApplyContext(model, state, journal, heads)
@@ -180,21 +218,47 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *,
         journal.rollback()
         for param, flag in grad_before.items():
             param.requires_grad_(flag)
+        if found is not None:
+            activate(model, restore_active)
         raise
-    object.__setattr__(model, STATE_ATTR, state)
+    if found is None:
+        found = AdapterSet(states={own: state}, active=(own,), originals=state.originals)
+        object.__setattr__(model, STATE_ATTR, found)
+    else:
+        found.originals.update(state.originals)  # base values first kept by this apply
+        state.originals = found.originals
+        found.states[own] = state
+        found.active = (own,)  # apply ran with this adapter alone active
+    register(model, found, state)
+    if restore_active is not None:
+        activate(model, restore_active)
     log_apply(model, methods, state)
     return wrapper
+
+
+def _require_applied(model: nn.Module, action: str) -> AdapterSet:
+    found = get_adapters(model)
+    if found is None:
+        require_state(model, action)  # raises NotAppliedError
+    return found
 
 
 def _adapter_layers(model: nn.Module) -> list[AdapterLayer]:
     return [m for m in model.modules() if isinstance(m, AdapterLayer)]  # outer before inner
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base layer's weights (selective methods need nothing)."""
+def merge(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
+    """Fold the active adapters (or the active adapter `adapter_name`) into their base layers'
+    weights; selective methods need nothing. Inactive adapters stay as they are."""
     wrapper, model = model, unwrap(model)
-    require_state(model, "merge")
-    layers = _adapter_layers(model)
+    found = _require_applied(model, "merge")
+    if adapter_name is not None:
+        require_state(model, "merge", adapter_name)
+        if adapter_name not in found.active:
+            raise MergeError(f"merge: adapter {adapter_name!r} is not active; activate it first "
+                             f"with peftvision.set_adapter(model, {adapter_name!r})")
+    layers = [m for m in _adapter_layers(model)
+              if m.active and (adapter_name is None or m.adapter_name == adapter_name)]
     _check_mergeable(layers, "merge")
     if layers and all(m.merged for m in layers):
         warnings.warn("peftvision.merge: the adapters are already merged; nothing to do", stacklevel=2)
@@ -228,7 +292,7 @@ def _merge_layers(layers: list[AdapterLayer]) -> None:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`: restore the base weights and run the adapters separately again."""
     wrapper, model = model, unwrap(model)
-    require_state(model, "unmerge")
+    _require_applied(model, "unmerge")
     for layer in _adapter_layers(model):  # outermost first: the exact inverse of merge's order
         layer.unmerge()
     return wrapper
@@ -247,15 +311,18 @@ def unload(model: ModelT, merge: bool = False) -> ModelT:
     with no tiny scale) are restored within rounding, the others bitwise (layers.py).
     """
     wrapper, model = model, unwrap(model)
-    state = require_state(model, "unload")
+    found = _require_applied(model, "unload")
+    state = found.first
     if merge:
-        layers = _adapter_layers(model)
+        layers = [m for m in _adapter_layers(model) if m.active]
         _check_mergeable(layers, "unload(merge=True)")
         _merge_layers(layers)
     else:
         unmerge(model)
-    for method in reversed(state.methods):
-        method.remove_from(model)
+    _reinstall_user_tensors(model, found, keep_values=merge)
+    for adapter in reversed(found.states.values()):
+        for method in reversed(adapter.methods):
+            method.remove_from(model)
     unwrap_all(model)
     restore_conv_classes(model)
     for entry in iter_parameters(model):
@@ -271,6 +338,20 @@ def unload(model: ModelT, merge: bool = False) -> ModelT:
                           "bias-free layer); load this state dict into a fresh base model with "
                           "strict=False, or keep the merged model as saved", stacklevel=2)
     return wrapper
+
+
+@torch.no_grad()
+def _reinstall_user_tensors(model: nn.Module, found: AdapterSet, keep_values: bool) -> None:
+    """Put the user's own tensor objects back where adapters installed copies; with
+    `keep_values`, carrying the values the model computes with now (the active adapters')."""
+    slots = tensor_slots(model)
+    for canonical, user in found.user.items():
+        slot = slots[canonical]
+        live = slot_tensor(slot)
+        if live is not user:
+            if keep_values:
+                user.copy_(live)
+            install(slot, user)
 
 
 @torch.no_grad()

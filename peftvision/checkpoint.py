@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .errors import AdapterLoadError, CorruptAdapterError, MergeError, PeftVisionError
 from .folder import reading, replace_files
-from .state import iter_buffers, iter_parameters, require_state
+from .state import require_state
 from .wrappers import unwrap
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -30,25 +30,27 @@ CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The live tensors an adapter checkpoint holds, by their current state-dict name."""
+def adapter_tensors(model: nn.Module, adapter_name: str | None = None) -> dict[str, Tensor]:
+    """The tensors an adapter checkpoint holds (the adapter's own copies), keyed by the names a
+    model with only this adapter would have, so it loads beside any other adapters."""
+    from .named import solo_entries
+
     model = unwrap(model)
-    state = require_state(model, "save_adapter")
+    state = require_state(model, "save_adapter", adapter_name)
     keep = set(state.selected) | set(state.head)
     tensors: dict[str, Tensor] = {}
-    for entry in iter_parameters(model):
-        if entry.adapter is not None or entry.canonical in keep:
-            tensors[entry.name] = entry.param
-    for entry in iter_buffers(model):
-        if entry.adapter is not None or isinstance(entry.module, nn.modules.batchnorm._BatchNorm):
-            tensors[entry.name] = getattr(entry.module, entry.attr)
+    for entry in solo_entries(model, state.adapter_name):
+        statistics = isinstance(entry.module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            entry.tensor, nn.Parameter)
+        if entry.adapter_owned or entry.canonical in keep or statistics:
+            tensors[entry.name] = entry.tensor
     return tensors
 
 
-def adapter_config(model: nn.Module) -> dict:
+def adapter_config(model: nn.Module, adapter_name: str | None = None) -> dict:
     from . import __version__
 
-    state = require_state(model, "save_adapter")
+    state = require_state(model, "save_adapter", adapter_name)
     return {
         "peftvision_version": __version__,
         "format_version": FORMAT_VERSION,
@@ -64,11 +66,12 @@ SAVE_FORMATS = ("peftvision", "peft")
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool = True,
                  tags: list[str] | None = None, metrics: dict[str, float] | None = None,
-                 format: str = "peftvision") -> Path:
+                 format: str = "peftvision", adapter_name: str | None = None) -> Path:
     """Save what was trained to `directory` (created if needed); returns the directory.
 
     Writes adapter_model.safetensors, adapter_config.json and (card=True) a README.md model
-    card with `tags` and `metrics`. format="peft" writes a LoRA adapter in Hugging Face peft's
+    card with `tags` and `metrics`. adapter_name: the named adapter to save (default: the only,
+    or the only active one), saved as if alone on the model. format="peft" writes a LoRA adapter in Hugging Face peft's
     layout instead (plus diffusers' pytorch_lora_weights.safetensors for a UNet).
 
     The folder is replaced as one unit (see `peftvision.folder`): a crash or a concurrent save
@@ -84,28 +87,50 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
     if not isinstance(card, bool):
         raise ValueError(f"card must be True or False, got {card!r}")
     check_card_arguments(tags, metrics)
-    require_state(model, "save_adapter")
+    state = require_state(model, "save_adapter", adapter_name)
     if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
         # merging rewrote base weights that the adapter may also hold (biases, norms): refuse
         raise MergeError("save_adapter: the adapters are merged into the weights; call "
                          "peftvision.unmerge(model) first (or unload(model, merge=True) and save "
                          "the plain model's state dict)")
     out = Path(directory)
-    files = _peft_files(model) if format == "peft" else _peftvision_files(model, card, tags, metrics)
+    if format == "peft":
+        with _alone(model, state.adapter_name):
+            files = _peft_files(model)
+    else:
+        files = _peftvision_files(model, state.adapter_name, card, tags, metrics)
     replace_files(out, files, remove=_stale_files(out, files))
     return out
 
 
-def _peftvision_files(model: nn.Module, card: bool, tags, metrics) -> dict[str, bytes]:
+@contextlib.contextmanager
+def _alone(model: nn.Module, adapter_name: str):
+    """Only `adapter_name` active inside the block (code that reads the live model)."""
+    from .named import activate
+    from .state import get_adapters
+
+    found = get_adapters(model)
+    previous = found.active
+    if previous == (adapter_name,):
+        yield
+        return
+    activate(model, (adapter_name,))
+    try:
+        yield
+    finally:
+        activate(model, previous)
+
+
+def _peftvision_files(model: nn.Module, adapter_name: str, card: bool, tags, metrics) -> dict[str, bytes]:
     from safetensors.torch import save as safetensors_bytes
 
     from .card import model_card
     from .report import report
 
-    config = adapter_config(model)
+    config = adapter_config(model, adapter_name)
     tensors = {}
     seen_storage: set[tuple[int, int]] = set()
-    for name, t in adapter_tensors(model).items():
+    for name, t in adapter_tensors(model, adapter_name).items():
         t = t.detach().cpu().contiguous()
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         tensors[name] = t.clone() if key in seen_storage else t  # safetensors refuses shared memory
@@ -114,7 +139,8 @@ def _peftvision_files(model: nn.Module, card: bool, tags, metrics) -> dict[str, 
     config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     files = {WEIGHTS_NAME: weights, CONFIG_NAME: (json.dumps(config, indent=2) + "\n").encode()}
     if card:
-        files[CARD_NAME] = model_card(config, report(model), tags, metrics).encode()
+        with _alone(model, adapter_name):  # the card counts this adapter's parameters
+            files[CARD_NAME] = model_card(config, report(model), tags, metrics).encode()
     return files
 
 
@@ -248,19 +274,19 @@ def _meta_copy(model: nn.Module) -> nn.Module:
 
 
 def _check_against_file(model, methods, train_head: bool, tensors: dict[str, Tensor],
-                        from_peft: bool) -> list[str]:
+                        from_peft: bool, adapter_name: str | None = None) -> list[str]:
     """Problems between the tensors an apply would create and the file's, found on a meta copy
     before anything is allocated (a config claiming r=10**6 must not allocate 150 GB first).
     Returns [] when they fit, or when the meta dry run is not possible for this model."""
     from .api import apply
 
     try:
-        skeleton = apply(_meta_copy(model), methods, train_head=train_head)
+        skeleton = apply(_meta_copy(model), methods, train_head=train_head, adapter_name=adapter_name)
     except PeftVisionError:
         raise
     except Exception:  # some layer cannot be built on the meta device: check after the real apply
         return []
-    return _mismatches(adapter_tensors(skeleton), tensors, from_peft)
+    return _mismatches(adapter_tensors(skeleton, adapter_name or "default"), tensors, from_peft)
 
 
 def _mismatches(live: dict[str, Tensor], tensors: dict[str, Tensor], from_peft: bool) -> list[str]:
@@ -281,22 +307,45 @@ def _mismatches(live: dict[str, Tensor], tensors: dict[str, Tensor], from_peft: 
 
 
 def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str | None = None,
-                 token: str | None = None) -> nn.Module:
-    """Re-apply the recorded methods to a fresh base `model` and load the adapter strictly.
+                 token: str | None = None, adapter_name: str | None = None,
+                 hotswap: bool = False) -> nn.Module:
+    """Re-apply the recorded methods to the base `model` and load the adapter strictly.
 
-    `source` is a folder written by save_adapter or a Hugging Face Hub repo id. On any error
-    the model is left as it was."""
-    from .api import apply, unload
+    `source` is a folder written by save_adapter or a Hugging Face Hub repo id. On a model that
+    already has adapters, `adapter_name` names the new one, which is loaded beside them (inactive
+    until peftvision.set_adapter). hotswap=True instead replaces the weights of the existing
+    adapter `adapter_name` in place (same methods and shapes): a torch.compile'd model then
+    switches adapters without recompiling. On any error the model is left as it was."""
+    from .api import apply
     from .identity import base_identity
     from .methods.base import Method
+    from .named import check_adapter_name
     from .registry import get_method
+    from .state import get_adapters
 
     wrapper, model = model, unwrap(model)
+    if not isinstance(hotswap, bool):
+        raise ValueError(f"hotswap must be True or False, got {hotswap!r}")
+    found = get_adapters(model)
+    if hotswap and (found is None or adapter_name not in found.states):
+        raise AdapterLoadError(f"hotswap=True replaces an existing adapter's weights, but this model has "
+                               f"no adapter named {adapter_name!r} (adapters: "
+                               f"{list(found.states) if found else []}); load it without hotswap first")
+    if found is not None and not hotswap:
+        if adapter_name is None:
+            raise AdapterLoadError("load_adapter: this model already has peftvision methods applied "
+                                   f"(adapters {list(found.states)}); load beside them with "
+                                   "adapter_name='new name', or call peftvision.unload(model) first")
+        if adapter_name in found.states:
+            raise AdapterLoadError(f"load_adapter: adapter {adapter_name!r} already exists; pass "
+                                   "hotswap=True to replace its weights, or delete_adapter it first")
+    if adapter_name is not None:
+        check_adapter_name(adapter_name, None)
     folder = _resolve_source(source, revision, token)
     config, tensors = read_adapter(folder)
-    if getattr(model, "_peftvision_state", None) is not None:
-        raise AdapterLoadError("load_adapter needs a fresh base model, but this one already has "
-                               "peftvision methods applied; call peftvision.unload(model) first")
+    if hotswap:
+        _hotswap(model, adapter_name, config, tensors, folder)
+        return wrapper
     saved_base = config["base_model"]
     this_base = base_identity(model)
     other_base = saved_base.get("fingerprint") not in (None, this_base["fingerprint"])
@@ -313,20 +362,21 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     train_head = config.get("train_head", True)
     from_peft = bool(config.get("from_peft"))
     try:
-        problems = _check_against_file(model, methods, train_head, tensors, from_peft)
+        problems = _check_against_file(model, methods, train_head, tensors, from_peft, adapter_name)
     except PeftVisionError as exc:
         raise AdapterLoadError(f"cannot re-apply {[m.name for m in methods]} to this model: {exc}."
                                f"{base_note}") from exc
     if not problems:
         try:
-            apply(model, methods, train_head=train_head)
+            apply(model, methods, train_head=train_head, adapter_name=adapter_name)
         except Exception as exc:
             raise AdapterLoadError(f"cannot re-apply {[m.name for m in methods]} to this model: {exc}."
                                    f"{base_note}") from exc
-        live = adapter_tensors(model)
+        name = adapter_name or "default"
+        live = adapter_tensors(model, name)
         problems = _mismatches(live, tensors, from_peft)
         if problems:
-            unload(model)
+            _remove(model, name, found is None)
     if problems:
         raise AdapterLoadError(f"adapter in {folder} does not fit this model: {'; '.join(problems)}."
                                f"{base_note or ' Load it onto the base model it was trained from.'}")
@@ -341,9 +391,44 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
             if callable(check):
                 check()
     except BaseException:
-        unload(model)
+        _remove(model, name, found is None)
         raise
     return wrapper
+
+
+def _remove(model: nn.Module, adapter_name: str, only: bool) -> None:
+    """Take back an adapter load_adapter added (the whole peftvision state when it was the first)."""
+    from .api import unload
+    from .named import delete_adapter
+
+    if only:
+        unload(model)
+    else:
+        delete_adapter(model, adapter_name)
+
+
+def _hotswap(model: nn.Module, adapter_name: str, config: dict, tensors: dict[str, Tensor],
+             folder: Path) -> None:
+    """Copy the file's tensors into adapter `adapter_name`'s own, in place: same objects, so
+    optimizers and torch.compile'd graphs keep working. Everything is checked first."""
+    from .state import require_state
+
+    state = require_state(model, "load_adapter(hotswap=True)", adapter_name)
+    ours = [{"name": m.name, "config": m.to_dict()} for m in state.methods]
+    if json.loads(json.dumps(ours)) != config["methods"]:
+        raise AdapterLoadError(
+            f"hotswap: the adapter in {folder} was made with other methods or options than adapter "
+            f"{adapter_name!r} ({[m['name'] for m in config['methods']]} vs {[m.name for m in state.methods]}); "
+            "hotswap replaces weights of the same shapes only. Load it under a new adapter_name instead")
+    live = adapter_tensors(model, adapter_name)
+    problems = _mismatches(live, tensors, bool(config.get("from_peft")))
+    if problems:
+        raise AdapterLoadError(f"hotswap: adapter in {folder} does not fit adapter {adapter_name!r}: "
+                               f"{'; '.join(problems)}")
+    with torch.no_grad():
+        for name, target in live.items():
+            if name in tensors:
+                target.copy_(tensors[name])
 
 
 def _warn_other_weights(saved: dict, this: dict) -> None:

@@ -16,6 +16,7 @@ What unmerge restores (the one exact-unmerge mechanism, used by every method):
 
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,6 +36,7 @@ class Adapter(nn.Module):
     """Marker base class of every module peftvision inserts into a model."""
 
     method_name: str = ""
+    adapter_name: str = "default"  # the named adapter it belongs to (set by ApplyContext.wrap)
 
 
 # Forwards that use `weight` and `bias` exactly as stored, so a merged weight computes the merged
@@ -74,7 +76,25 @@ def weight_transform(layer: nn.Module) -> str:
 
 
 class AdapterLayer(Adapter):
-    """Wraps `base_layer`; `forward` adds the adapter's effect unless it is merged."""
+    """Wraps `base_layer`; `forward` adds the adapter's effect unless it is merged.
+
+    Each layer belongs to one named adapter (`adapter_name`). While that adapter is not active
+    (peftvision.set_adapter / disable_adapters) the layer is its base layer: every subclass's
+    `forward` is wrapped once, at class creation, by `_gate`, so a subclass writes only the
+    adapted forward. `route` is set only inside peftvision.adapter_per_sample (peftvision.named)."""
+
+    active: bool = True
+    route = None  # per-sample routing of the batch, or None (see peftvision.named)
+    # True for a layer that computes from the wrapped user layer's parts instead of calling
+    # base_layer (AdaptFormer/Convpass re-run the block: `runs_block`): another adapter's layer
+    # below it must then be inactive, which set_adapter checks
+    reads_wrapped_layer: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and not getattr(forward, "_gated", False):
+            cls.forward = _gate(forward)
 
     mergeable: bool = True
     why_not_mergeable: str = ""
@@ -94,6 +114,17 @@ class AdapterLayer(Adapter):
         while isinstance(layer, AdapterLayer):
             layer = layer.base_layer
         return layer
+
+    @property
+    def plain_base(self) -> bool:
+        """True when `base_layer` computes the user's layer alone: every adapter layer between
+        them (of other named adapters) is inactive."""
+        layer = self.base_layer
+        while isinstance(layer, AdapterLayer):
+            if layer.active:
+                return False
+            layer = layer.base_layer
+        return True
 
     @property
     def merge_layer(self) -> nn.Module:
@@ -177,7 +208,23 @@ class AdapterLayer(Adapter):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"method={self.method_name!r}, merged={self.merged}"
+        name = "" if self.adapter_name == "default" else f"adapter={self.adapter_name!r}, "
+        return f"{name}method={self.method_name!r}, merged={self.merged}" + ("" if self.active else ", inactive")
+
+
+def _gate(forward):
+    """An inactive layer runs its base layer alone; a routed one splits the batch by adapter."""
+
+    @functools.wraps(forward)
+    def gated(self: AdapterLayer, *args, **kwargs):
+        if not self.active:
+            return self.base_layer(*args, **kwargs)
+        if self.route is not None:
+            return self.route(self, forward, args, kwargs)
+        return forward(self, *args, **kwargs)
+
+    gated._gated = True
+    return gated
 
 
 def scale_inverse_is_exact(scale: Tensor, dtype: torch.dtype) -> bool:
@@ -211,7 +258,9 @@ class AdditiveDeltaLayer(AdapterLayer):
         op themselves (timm EVA and BEiT: F.linear(x, self.qkv.weight, qkv_bias)): they then
         compute the adapted result, with gradients reaching the adapter."""
         weight = self.base_layer.weight  # a nested adapter's own adapted weight
-        return weight if self.merged else weight + self.delta_weight().to(weight.dtype)
+        if self.merged or not self.active:
+            return weight
+        return weight + self.delta_weight().to(weight.dtype)
 
     def delta_weight(self) -> Tensor:
         raise NotImplementedError

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .state import get_state
+from .state import get_adapters, require_state
 from .wrappers import unwrap
 
 if TYPE_CHECKING:
@@ -58,13 +58,14 @@ class AppliedRecord:
         raise KeyError(f"{name!r} was not applied to this model; applied: {list(self.names)}")
 
 
-def applied(model: nn.Module) -> AppliedRecord | None:
+def applied(model: nn.Module, adapter_name: str | None = None) -> AppliedRecord | None:
     """The record of what peftvision applied to `model` (seen through torch.compile and
-    (Distributed)DataParallel wrappers), or None when nothing is applied."""
+    (Distributed)DataParallel wrappers) as adapter `adapter_name` (None: the only adapter, or the
+    only active one), or None when nothing is applied."""
     model = unwrap(model)
-    state = get_state(model)
-    if state is None:
+    if get_adapters(model) is None:
         return None
+    state = require_state(model, "read the record", adapter_name)
     methods = tuple(
         MethodRecord(
             name=cfg.name,

@@ -52,16 +52,61 @@ class PeftState:
             self.originals[canonical] = tensor.detach().clone()
 
 
-def get_state(model: nn.Module) -> PeftState | None:
+@dataclass
+class AdapterSet:
+    """The named adapters on one model (see peftvision.named): one PeftState each, which of them
+    are active, and, for every user tensor an adapter trains (selected parameters, the head,
+    BatchNorm statistics), each owner's own copy. The slot in the model holds the active owner's
+    copy, or a frozen copy of the original when no active adapter owns it."""
+
+    states: dict[str, PeftState]  # in the order they were added
+    active: tuple[str, ...]
+    originals: Originals  # shared by every state: the base values, taken before anything trained
+    # canonical tensor name -> adapter name -> the tensor (Parameter or buffer) that adapter trains
+    banks: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    user: dict[str, Tensor] = field(default_factory=dict)  # canonical -> the user's own tensor object
+    base: dict[str, Tensor] = field(default_factory=dict)  # canonical -> frozen base copy (made lazily)
+    # adapter name -> (parameter, requires_grad) as they were when the adapter was deactivated
+    frozen_flags: dict[str, list[tuple[nn.Parameter, bool]]] = field(default_factory=dict)
+
+    @property
+    def first(self) -> PeftState:
+        return next(iter(self.states.values()))
+
+
+def get_adapters(model: nn.Module) -> AdapterSet | None:
     return getattr(model, STATE_ATTR, None)
 
 
-def require_state(model: nn.Module, action: str) -> PeftState:
-    state = get_state(model)
-    if state is None:
+def get_state(model: nn.Module, adapter_name: str | None = None) -> PeftState | None:
+    """The state of adapter `adapter_name`, or with None the current one: the only adapter, else
+    the only active one, else the first active one (require_state refuses that ambiguity)."""
+    adapters = get_adapters(model)
+    if adapters is None:
+        return None
+    if adapter_name is not None:
+        return adapters.states.get(adapter_name)
+    if len(adapters.states) == 1:
+        return adapters.first
+    return adapters.states[adapters.active[0]] if adapters.active else None
+
+
+def require_state(model: nn.Module, action: str, adapter_name: str | None = None) -> PeftState:
+    adapters = get_adapters(model)
+    if adapters is None:
         raise NotAppliedError(f"cannot {action}: no peftvision method was applied to this "
-                         f"{type(model).__name__}; call peftvision.apply(model, ...) first")
-    return state
+                              f"{type(model).__name__}; call peftvision.apply(model, ...) first")
+    if adapter_name is not None:
+        if adapter_name not in adapters.states:
+            raise NotAppliedError(f"cannot {action}: this model has no adapter named "
+                                  f"{adapter_name!r}; its adapters: {list(adapters.states)}")
+        return adapters.states[adapter_name]
+    if len(adapters.states) > 1 and len(adapters.active) != 1:
+        which = f"several adapters are active ({', '.join(adapters.active)})" if adapters.active \
+            else "no adapter is active"
+        raise NotAppliedError(f"cannot {action}: {which}; name one with adapter_name=... "
+                              f"(adapters: {list(adapters.states)})")
+    return get_state(model)
 
 
 class ParamEntry(NamedTuple):

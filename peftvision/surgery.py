@@ -58,11 +58,21 @@ class Journal:
 
 
 def wrap_module(model: nn.Module, name: str, wrapper_factory: Callable[[nn.Module], AdapterLayer],
-                journal: Journal | None = None, innermost: bool = False) -> AdapterLayer:
+                journal: Journal | None = None, innermost: bool = False,
+                adapter_name: str | None = None) -> AdapterLayer:
     """Wrap the module at `name`: outside any adapters already there (methods nest in the order
     they were applied), or, with `innermost`, directly around the user's layer (for wrappers
-    that re-run the layer's own submodules, such as AdaptFormer's block)."""
+    that re-run the layer's own submodules, such as AdaptFormer's block). A layer of a named
+    adapter goes directly around the user's layer when every wrapper there belongs to other
+    adapters: it then sees the plain layer, as if its adapter were alone on the model."""
     parent, child = get_submodule_parent(model, name)
+    if adapter_name is not None and not innermost:
+        chain = []
+        layer = getattr(parent, child)
+        while isinstance(layer, AdapterLayer):
+            chain.append(layer.adapter_name)
+            layer = layer.base_layer
+        innermost = bool(chain) and adapter_name not in chain
     if innermost:
         while isinstance(getattr(parent, child), AdapterLayer):
             parent, child = getattr(parent, child), "base_layer"

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..architectures import GENERIC, Architecture, architectures, get_architecture
 from ..errors import ConfigError, UnsupportedArchitectureError, did_you_mean
-from ..layers import AdapterLayer
+from ..layers import Adapter, AdapterLayer
 from ..state import PeftState
 from ..surgery import Journal, get_module, get_submodule_parent, wrap_module
 from ..targets import (
@@ -284,8 +284,11 @@ class ApplyContext:
     def wrap(self, method: Method, name: str, factory: Callable[[nn.Module], AdapterLayer],
              innermost: bool = False) -> AdapterLayer:
         _check_float_weights(method, name, get_module(self.model, name))
-        layer = wrap_module(self.model, name, factory, self.journal, innermost)
+        layer = wrap_module(self.model, name, factory, self.journal, innermost, self.state.adapter_name)
         layer.method_name = method.name
+        for part in _own_modules(layer):  # the layer and the adapter modules it inserts
+            if isinstance(part, Adapter):
+                part.adapter_name = self.state.adapter_name
         parent, child = get_submodule_parent(self.model, name)
         _check_parent_access(method, name, _unwrapped(parent), child, layer)
         wrapped = self.state.wrapped.setdefault(method.name, [])
@@ -298,6 +301,14 @@ class ApplyContext:
         selection) as `config`: the value saved in adapter_config.json, which rebuilds the same
         layers. The user's config object is never changed."""
         self.recorded[method.name] = config
+
+
+def _own_modules(layer: AdapterLayer):
+    """`layer` and its submodules, without the layer it wraps."""
+    yield layer
+    for name, child in layer.named_children():
+        if name != "base_layer":
+            yield from child.modules()
 
 
 def _unwrapped(module: nn.Module) -> nn.Module:

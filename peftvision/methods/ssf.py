@@ -69,6 +69,7 @@ class SSFLayer(AdapterLayer):
         # a norm+act layer: SSF goes between its norm and its activation, so it still folds into
         # the norm's affine parameters on merge (after the activation it could not)
         self.norm_forward = plain_norm_forward(layer)
+        self.reads_wrapped_layer = self.norm_forward is not None  # runs the norm's parts itself
         if self.norm_forward is not None and base_layer is not layer:
             raise UnsupportedArchitectureError(
                 f"ssf on a {type(layer).__name__} that another adapter already wraps; apply ssf first")
@@ -86,10 +87,10 @@ class SSFLayer(AdapterLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.norm_forward is not None:  # norm -> SSF -> drop -> act
-            layer = self.base_layer
+            layer = self.weighted_layer  # another adapter's layer below is inactive (set_adapter)
             out = self.norm_forward(layer, x)
             return layer.act(layer.drop(out if self.merged else self._scale_shift(out)))
-        if not self.merged and _is_plain_layer_norm(self.base_layer):
+        if not self.merged and self.plain_base and _is_plain_layer_norm(self.weighted_layer):
             return self._scaled_layer_norm(x)
         out = self.base_layer(x, *args, **kwargs)
         return out if self.merged else self._scale_shift(out)
@@ -101,7 +102,7 @@ class SSFLayer(AdapterLayer):
     def _scaled_layer_norm(self, x: Tensor) -> Tensor:
         """γ ⊙ LN(x) + β as one layer norm with weight γ ⊙ w and bias γ ⊙ b + β (the merged form,
         equal up to fp32 rounding): it keeps only the norm's input, which it keeps anyway."""
-        norm, scale, shift = self.base_layer, self.ssf_scale, self.ssf_shift
+        norm, scale, shift = self.weighted_layer, self.ssf_scale, self.ssf_shift  # plain_base
         weight = scale if norm.weight is None else norm.weight * scale
         bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale)
         dtype = x.dtype  # an fp32 adapter beside a half norm computes in the activations' dtype

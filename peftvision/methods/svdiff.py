@@ -134,7 +134,7 @@ class SpectralShift(AdditiveDeltaLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         layer = self.weighted_layer
-        direct = self.base_layer is layer and type(layer).forward in _PLAIN_FORWARDS
+        direct = self.plain_base and type(layer).forward in _PLAIN_FORWARDS
         if self.svd_s is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             weight = self._inference_weight(direct)  # W' (or ΔW when nested), built once per δ
             if direct:

@@ -62,10 +62,11 @@ def transformer_blocks(ctx: ApplyContext, method: Method, families: Sequence[str
 
 def refuse_second_block_runner(ctx: ApplyContext, method: Method, name: str) -> None:
     """A wrapper that re-runs a block's own steps (`runs_block`: AdaptFormer, Convpass) calls the
-    user's block directly, so a second such wrapper on the same block would be skipped silently."""
+    user's block directly, so a second such wrapper on the same block would be skipped silently.
+    Another named adapter's may: set_adapter refuses activating the two together."""
     module = get_module(ctx.model, name)
     while isinstance(module, AdapterLayer):
-        if getattr(module, "runs_block", False):
+        if getattr(module, "runs_block", False) and module.adapter_name == ctx.state.adapter_name:
             raise ConfigError(f"{method.name} cannot be combined with {module.method_name} on "
                               f"{name}: both re-run the block's steps, so one would be skipped; "
                               "apply only one of them")
