@@ -171,3 +171,79 @@ def test_errors_name_the_problem():
     pv.unmerge(model)
     with pytest.raises(pv.AdapterLoadError, match="already has peftvision"):
         pv.load_adapter(model, "unused")
+
+
+@pytest.mark.parametrize("family,method", [("vit", "shpeft"), ("resnet", "spt")])
+def test_data_chosen_methods_as_named_adapters(family, method, tmp_path):
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g))
+            for _ in range(2)]
+    base = zoo_model(family)
+    y0 = out(base, family)
+    model = copy.deepcopy(base)
+    pv.apply(model, method, adapter_name="a", data=data, fraction=0.03)
+    perturb(model, "a", 1)
+    pv.apply(model, method, adapter_name="b", data=data[::-1], fraction=0.03)
+    perturb(model, "b", 2)
+    for name in ("a", "b"):
+        pv.save_adapter(model, tmp_path / name, adapter_name=name, card=False)
+        alone = out(pv.load_adapter(zoo_model(family), tmp_path / name), family)
+        pv.set_adapter(model, name)
+        assert torch.equal(out(model, family), alone)
+    with pv.disable_adapters(model):
+        assert torch.equal(out(model, family), y0)
+
+
+def test_each_adapter_keeps_its_own_batchnorm_statistics():
+    family = "resnet"
+    base = zoo_model(family)
+    model = pv.apply(copy.deepcopy(base), "lora", adapter_name="a")
+    pv.apply(model, "lora", adapter_name="b")
+    stats = {k: v.clone() for k, v in adapter_tensors(model, "b").items() if "running" in k}
+    assert stats
+    model.train()
+    with torch.no_grad():  # train mode: a's statistics move
+        zoo_run(model, zoo_inputs(family))
+    moved = {k for k, v in adapter_tensors(model, "a").items() if "running" in k and not torch.equal(v, stats[k])}
+    assert moved
+    assert all(torch.equal(adapter_tensors(model, "b")[k], v) for k, v in stats.items())
+    with pv.disable_adapters(model):  # a forward in train mode moves the base statistics...
+        with torch.no_grad():
+            zoo_run(model, zoo_inputs(family))
+    with pv.disable_adapters(model):  # ...for that block only: the base model comes back exact
+        assert torch.equal(out(model, family), out(base, family))
+
+
+def test_a_second_adapter_needs_the_original_values():
+    model = pv.apply(zoo_model("vit"), "lora", keep_original=False)
+    with pytest.raises(pv.ConfigError, match="keep_original=True"):
+        pv.apply(model, "lora", adapter_name="b")
+    assert pv.adapters(model) == ("default",)
+
+
+def test_deleting_the_last_adapter_is_unload():
+    base = zoo_model("vit")
+    original = state_of(base)
+    model = pv.apply(base, "bias", adapter_name="only")
+    perturb(model, "only", 1)
+    pv.delete_adapter(model, "only")
+    assert pv.adapters(model) == () and pv.applied(model) is None
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_hotswap_replaces_weights_in_place(tmp_path):
+    family = "vit"
+    donor = pv.apply(zoo_model(family), "lora")
+    perturb(donor, "default", 4)
+    pv.save_adapter(donor, tmp_path / "new", card=False)
+    model = pv.apply(zoo_model(family), "lora")
+    objects = {k: id(v) for k, v in adapter_tensors(model).items()}
+    pv.load_adapter(model, tmp_path / "new", adapter_name="default", hotswap=True)
+    assert torch.equal(out(model, family), out(donor, family))
+    assert {k: id(v) for k, v in adapter_tensors(model).items()} == objects
+    other = pv.apply(zoo_model(family), "lora", r=4)
+    pv.save_adapter(other, tmp_path / "r4", card=False)
+    before = out(model, family)
+    with pytest.raises(pv.AdapterLoadError, match="other methods or options"):
+        pv.load_adapter(model, tmp_path / "r4", adapter_name="default", hotswap=True)
+    assert torch.equal(out(model, family), before)
