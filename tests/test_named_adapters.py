@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from models import zoo_inputs, zoo_model, zoo_run
+from models import ZOO, zoo_inputs, zoo_model, zoo_run
 from torch import nn
 
 import peftvision as pv
@@ -23,18 +23,32 @@ from peftvision.targets import detect_architecture
 
 _ensure_builtin_methods()
 FAMILIES = ("vit", "resnet", "unet")
-# a second adapter of another kind beside the method under test
+# a second adapter of another kind beside the method under test (LoRA on all-linear elsewhere)
 PARTNER = {"vit": "lora", "resnet": "bias", "unet": "lora"}
 
 
 def cells():
-    for family in FAMILIES:
+    """Every method on every zoo family it runs on; the default run covers the three families
+    of the papers, the rest run with -m slow."""
+    for family in ZOO:
         arch = get_architecture(detect_architecture(zoo_model(family)))
         for name, cls in sorted(_REGISTRY.items()):
             if cls.test_facts.needs_data or not cls.runs_on(arch):
                 continue
             label, options = next(iter(cls.test_facts.variants.items()))
-            yield pytest.param(family, name, options, id=f"{family}-{name}")
+            marks = [] if family in FAMILIES else [pytest.mark.slow]
+            yield pytest.param(family, name, options, id=f"{family}-{name}", marks=marks)
+
+
+# diffusers' SD3 transformer computes differently at fp32 rounding level (1e-7) depending on its
+# parameters' requires_grad flags, even under no_grad (measured: requires_grad_(False) alone moves
+# the output): adapters that freeze or unfreeze different tensors cannot be bitwise equal there
+ROUNDING = {"sd3": 1e-6}
+
+
+def same(a: torch.Tensor, b: torch.Tensor, family: str) -> bool:
+    tol = ROUNDING.get(family)
+    return torch.equal(a, b) if tol is None else torch.allclose(a, b, rtol=tol, atol=tol)
 
 
 def out(model: nn.Module, family: str) -> torch.Tensor:
@@ -62,10 +76,14 @@ def test_two_named_adapters_behave_as_each_alone(family, method, options, tmp_pa
     original = state_of(base)
     y0 = out(base, family)
     model = copy.deepcopy(base)
-    pv.apply(model, method, adapter_name="a", **options)
+    try:
+        pv.apply(model, method, adapter_name="a", **options)
+    except pv.UnsupportedArchitectureError as exc:  # a family member the method refuses (matrix)
+        pytest.skip(f"refused on this family member: {exc}")
     perturb(model, "a", 1)
     pv.apply(model, method, adapter_name="b", **options)
-    pv.apply(model, PARTNER[family], adapter_name="c")
+    partner = PARTNER.get(family, "bias")
+    pv.apply(model, partner, adapter_name="c")
     assert pv.adapters(model) == ("a", "b", "c") and pv.active_adapters(model) == ("a",)
     perturb(model, "b", 2)
     perturb(model, "c", 3)
@@ -77,20 +95,20 @@ def test_two_named_adapters_behave_as_each_alone(family, method, options, tmp_pa
     assert not torch.equal(alone["a"], alone["b"])
     for name in ("a", "b", "c"):
         pv.set_adapter(model, name)
-        assert torch.equal(out(model, family), alone[name]), name
+        assert same(out(model, family), alone[name], family), name
     with pv.disable_adapters(model):
-        assert torch.equal(out(model, family), y0)
+        assert same(out(model, family), y0, family)
     assert pv.active_adapters(model) == ("c",)
 
     # loading by name next to the others gives the same adapter back
     pv.load_adapter(model, tmp_path / "a", adapter_name="a2")
     pv.set_adapter(model, "a2")
-    assert torch.equal(out(model, family), alone["a"])
+    assert same(out(model, family), alone["a"], family)
 
     pv.delete_adapter(model, "a")
     pv.delete_adapter(model, "a2")
     pv.set_adapter(model, "b")
-    assert torch.equal(out(model, family), alone["b"])
+    assert same(out(model, family), alone["b"], family)
     pv.unload(model)
     state = model.state_dict()
     assert state.keys() == original.keys()
@@ -247,3 +265,12 @@ def test_hotswap_replaces_weights_in_place(tmp_path):
     with pytest.raises(pv.AdapterLoadError, match="other methods or options"):
         pv.load_adapter(model, tmp_path / "r4", adapter_name="default", hotswap=True)
     assert torch.equal(out(model, family), before)
+
+
+@pytest.mark.parametrize("method", ["adaptformer", "oft"])
+def test_adapters_that_would_skip_another_cannot_be_active_together(method):
+    model = pv.apply(zoo_model("vit"), method, adapter_name="a")
+    pv.apply(model, method, adapter_name="b")
+    with pytest.raises(pv.ConfigError, match="cannot be active together"):
+        pv.set_adapter(model, ["a", "b"])
+    assert pv.active_adapters(model) == ("a",)

@@ -35,6 +35,8 @@ def block_size_for(n: int, wanted: int) -> int:
 
 
 class OFTLayer(AdapterLayer):
+    reads_wrapped_layer = True  # rotates the user layer's weight: another adapter's layer is skipped
+
     def __init__(self, base_layer: nn.Module, block_size: int) -> None:
         if isinstance(base_layer, AdapterLayer):
             raise ConfigError("oft: the layer already has another adapter; OFT rotates the whole "
@@ -73,7 +75,7 @@ class OFTLayer(AdapterLayer):
         """W0·Rᵀ, for parents that read their child's `.weight` and run the op themselves (timm
         EVA, BEiT, Swin v2 qkv): they then compute the adapted result."""
         base = self.base_layer.weight
-        if self.merged:
+        if self.merged or not self.active:
             return base
         rot = self.rotation()
         return self._rotate(base.to(rot.dtype), rot).to(base.dtype)
