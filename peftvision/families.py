@@ -17,7 +17,8 @@ natural equivalent, noted beside it. Names are regular expressions over full mod
   EVA and BEiT add their own q/v bias to qkv, so only their MLP activation is rescaled.
 - VPT: timm VisionTransformer token sequences only (prompts need a plain token sequence:
   EVA's rotary and BEiT's relative position tables, SAM's and Swin's windows fix its length).
-- Attention tuning: the attention modules. DiffFit: diffusers BasicTransformerBlocks.
+- Attention tuning: the attention modules. DiffFit: diffusers BasicTransformerBlocks (SD UNets,
+  DiT), SD3's JointTransformerBlocks and Flux's double- and single-stream blocks.
 """
 
 from __future__ import annotations
@@ -150,8 +151,6 @@ _DIFFUSION_REFUSALS = {
            "targets=[...] (e.g. [nn.Linear]) to place it",
     "tsa": "TSA's paper covers classification ResNets; pass targets=[...] (e.g. resnets' convs)",
 }
-_JOINT = ("SD3/Flux joint blocks return (image, context) pairs from attn; DiffFit's branch scales are "
-          "implemented for diffusers BasicTransformerBlocks (SD UNets, DiT)")
 _UNET_ATTN = r".*\.attn\d+\.(to_q|to_k|to_v|to_out\.0)"
 # SSF on a UNet: after every norm (GroupNorm, LayerNorm: the CNN rule, each conv is followed by
 # one) and after the attention and feed-forward linears (the ViT rule)
@@ -189,12 +188,13 @@ _MMDIT = {
     "adaptformer": rf"{_DIT_BLOCK}\.(ff|ff_context)",
     "ia3": {"outputs": rf"{_MMDIT_ATTN}\.(to_k|to_v|add_k_proj|add_v_proj)",
             "inputs": rf"{_DIT_BLOCK}\.(ff|ff_context)\.net\.2"},
+    "difffit": True,  # its own block finder (methods/difffit.py): joint and single-stream blocks
 }
 register_architecture(Architecture(
     "sd3", classes=(("diffusers.models.transformers.transformer_sd3", "SD3Transformer2DModel"),),
-    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals={**_DIFFUSION_REFUSALS, "difffit": _JOINT},
+    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals=_DIFFUSION_REFUSALS,
     description="diffusers SD3Transformer2DModel (MMDiT)"))
 register_architecture(Architecture(
     "flux", classes=(("diffusers.models.transformers.transformer_flux", "FluxTransformer2DModel"),),
-    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals={**_DIFFUSION_REFUSALS, "difffit": _JOINT},
+    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals=_DIFFUSION_REFUSALS,
     description="diffusers FluxTransformer2DModel"))
