@@ -15,8 +15,9 @@ natural equivalent, noted beside it. Names are regular expressions over full mod
 - IA3 ({"outputs": ..., "inputs": ...}): k/v projection outputs (the k, v thirds of a fused qkv)
   and the MLP hidden activation (the input of its second Linear); CNNs: block conv outputs.
   EVA and BEiT add their own q/v bias to qkv, so only their MLP activation is rescaled.
-- VPT: timm VisionTransformer token sequences only (prompts need a plain token sequence:
-  EVA's rotary and BEiT's relative position tables, SAM's and Swin's windows fix its length).
+- VPT: timm VisionTransformer token sequences, and Swin (v1, v2) windows as in the VPT paper's
+  Swin variant (methods/vpt_swin.py); EVA's rotary and BEiT's relative position tables fix the
+  sequence length, SAM's and MaxViT's windows are not covered by the paper.
 - Attention tuning: the attention modules. DiffFit: diffusers BasicTransformerBlocks (SD UNets,
   DiT), SD3's JointTransformerBlocks and Flux's double- and single-stream blocks.
 """
@@ -30,7 +31,7 @@ from .architectures import Architecture, register_architecture
 TIMM_VIT = "timm.models.vision_transformer"
 _TSA = "TSA adapts residual conv blocks (CNNs); pass targets=[...] for convs here"
 _WINDOWS = ("its attention runs on a 2-D token grid (windows), not a sequence prompts can extend; "
-            "VPT's per-window prompts are not implemented")
+            "VPT's per-window prompts are implemented for Swin's (shifted) windows only")
 
 
 def _block_sites(block: str, qkv: bool = True) -> dict[str, object]:
@@ -86,8 +87,9 @@ register_architecture(Architecture(
     "swin",
     classes=(("timm.models.swin_transformer", "SwinTransformer"),
              ("timm.models.swin_transformer_v2", "SwinTransformerV2")),
-    placements={m: _swin(m) for m in ("lora", "ssf", "attention", "adaptformer", "ia3")},
-    refusals={"vpt": _WINDOWS, "tsa": _TSA},
+    placements={**{m: _swin(m) for m in ("lora", "ssf", "attention", "adaptformer", "ia3")},
+                "vpt": True},  # the VPT paper's Swin variant: prompts in every window (vpt_swin.py)
+    refusals={"tsa": _TSA},
     traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}), description="timm Swin v1, v2"))
 
 _MAXXVIT_BLOCK = r"stages\.\d+\.blocks\.\d+"

@@ -99,9 +99,9 @@ def test_ssf_after_a_norm_with_activation_merges_exactly():
 
 def test_every_method_runs_without_targets_where_the_registry_says():
     info = pv.methods()
-    for name in ("lora", "ssf", "adaptformer", "ia3"):
+    for name in ("lora", "ssf", "adaptformer", "ia3", "vpt"):
         assert "swin" in info[name].architectures
-    assert "convnext" in info["ssf"].architectures and "swin" not in info["vpt"].architectures
+    assert "convnext" in info["ssf"].architectures and "sam-vit" not in info["vpt"].architectures
 
 
 def test_third_party_architecture_registration():
