@@ -2,7 +2,9 @@
 
 __version__ = "0.1.0"
 
-from . import hub, progress  # public modules: Hub transfer of folders; progress bars
+# public modules: Hub transfer of folders; the methods subpackage, which pv.methods() calls
+# to list the registered methods; progress bars
+from . import hub, methods, progress
 from .api import apply, config, merge, unload, unmerge
 from .checkpoint import load_adapter, save_adapter
 from .errors import (
@@ -19,7 +21,7 @@ from .errors import (
 )
 from .named import active_adapters, adapters, delete_adapter, disable_adapters, set_adapter
 from .record import AppliedRecord, MethodRecord, applied
-from .registry import get_method, methods, register_method
+from .registry import get_method, register_method
 from .report import Report, report
 from .sharing import push_to_hub
 from .zoo import create_model, load_local_weights

@@ -6,17 +6,20 @@ natural equivalent, noted beside it. Names are regular expressions over full mod
 - LoRA: the attention input projections (fused qkv, or q/k/v/out in diffusers); CNNs: the
   convs of each residual block (as for ResNet).
 - SSF: the paper's sites (after patch embedding, each block's linears and norms, final norm)
-  on ViTs, Swin and ConvNeXt; after every norm on CNNs (timm's norm+act layers then refuse
-  merge: the activation sits between the norm and SSF).
+  on ViTs, Swin and ConvNeXt; after every norm on CNNs (on timm's norm+act layers, between the
+  norm and its activation, so it still merges into the norm); MaxViT / CoAtNet and diffusers
+  UNets combine the two: after every norm and after the attention and MLP linears.
 - TSA: beside each conv of a residual block (1x1 convs where the block's kxk is depthwise).
 - AdaptFormer: beside every transformer MLP (timm ViT blocks: the paper's pre-norm branch;
   other blocks: the branch reads the MLP's input).
 - IA3 ({"outputs": ..., "inputs": ...}): k/v projection outputs (the k, v thirds of a fused qkv)
   and the MLP hidden activation (the input of its second Linear); CNNs: block conv outputs.
   EVA and BEiT add their own q/v bias to qkv, so only their MLP activation is rescaled.
-- VPT: timm VisionTransformer token sequences only (prompts need a plain token sequence:
-  EVA's rotary and BEiT's relative position tables, SAM's and Swin's windows fix its length).
-- Attention tuning: the attention modules. DiffFit: diffusers BasicTransformerBlocks.
+- VPT: timm VisionTransformer token sequences, and Swin (v1, v2) windows as in the VPT paper's
+  Swin variant (methods/vpt_swin.py); EVA's rotary and BEiT's relative position tables fix the
+  sequence length, SAM's and MaxViT's windows are not covered by the paper.
+- Attention tuning: the attention modules. DiffFit: diffusers BasicTransformerBlocks (SD UNets,
+  DiT), SD3's JointTransformerBlocks and Flux's double- and single-stream blocks.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .architectures import Architecture, register_architecture
 TIMM_VIT = "timm.models.vision_transformer"
 _TSA = "TSA adapts residual conv blocks (CNNs); pass targets=[...] for convs here"
 _WINDOWS = ("its attention runs on a 2-D token grid (windows), not a sequence prompts can extend; "
-            "VPT's per-window prompts are not implemented")
+            "VPT's per-window prompts are implemented for Swin's (shifted) windows only")
 
 
 def _block_sites(block: str, qkv: bool = True) -> dict[str, object]:
@@ -84,8 +87,9 @@ register_architecture(Architecture(
     "swin",
     classes=(("timm.models.swin_transformer", "SwinTransformer"),
              ("timm.models.swin_transformer_v2", "SwinTransformerV2")),
-    placements={m: _swin(m) for m in ("lora", "ssf", "attention", "adaptformer", "ia3")},
-    refusals={"vpt": _WINDOWS, "tsa": _TSA},
+    placements={**{m: _swin(m) for m in ("lora", "ssf", "attention", "adaptformer", "ia3")},
+                "vpt": True},  # the VPT paper's Swin variant: prompts in every window (vpt_swin.py)
+    refusals={"tsa": _TSA},
     traits=frozenset({"qkv-thirds", "norm", "classifier", "layernorm", "attention"}), description="timm Swin v1, v2"))
 
 _MAXXVIT_BLOCK = r"stages\.\d+\.blocks\.\d+"
@@ -100,10 +104,12 @@ register_architecture(Architecture(
         "ia3": {"outputs": _MBCONV,
                 "inputs": rf"{_MAXXVIT_BLOCK}(\.attn_block|\.attn_grid)?\.mlp\.fc2"},
         "tsa": _MBCONV,
+        # SSF as on ViTs in the attention blocks, and after every norm (as on CNNs) in the MBConvs
+        "ssf": [nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+                "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"],
     },
     traits=frozenset({"norm", "classifier", "batchnorm", "layernorm", "attention"}),
-    refusals={"vpt": _WINDOWS, "ssf": "a hybrid of MBConv (norm+act) and attention blocks the SSF paper "
-                                      "does not cover"},
+    refusals={"vpt": _WINDOWS},
     description="timm MaxViT, CoAtNet (MaxxVit)"))
 
 # ---- CNNs --------------------------------------------------------------------------------------
@@ -143,15 +149,18 @@ _cnn("densenet", (("timm.models.densenet", "DenseNet"),),
 _DIFFUSERS_TRAITS = frozenset({"diffusers", "attention"})
 _DIFFUSION_REFUSALS = {
     "vpt": "prompt tokens are defined for classification ViTs",
-    "ssf": "SSF's paper covers classification backbones; pass targets=[...] (e.g. [nn.Linear]) to place it",
+    "ssf": "the ada-norm blocks' norms have no affine parameters for SSF to fold into; pass "
+           "targets=[...] (e.g. [nn.Linear]) to place it",
     "tsa": "TSA's paper covers classification ResNets; pass targets=[...] (e.g. resnets' convs)",
 }
-_JOINT = ("SD3/Flux joint blocks return (image, context) pairs from attn; DiffFit's branch scales are "
-          "implemented for diffusers BasicTransformerBlocks (SD UNets, DiT)")
 _UNET_ATTN = r".*\.attn\d+\.(to_q|to_k|to_v|to_out\.0)"
+# SSF on a UNet: after every norm (GroupNorm, LayerNorm: the CNN rule, each conv is followed by
+# one) and after the attention and feed-forward linears (the ViT rule)
+_UNET_SSF = [nn.GroupNorm, nn.LayerNorm, "to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2",
+             "proj_in", "proj_out"]
 register_architecture(Architecture(
     "unet", classes=(("diffusers.models.unets.unet_2d_condition", "UNet2DConditionModel"),),
-    placements={"lora": _UNET_ATTN, "attention": r".*attentions\.\d+", "difffit": True,
+    placements={"lora": _UNET_ATTN, "attention": r".*attentions\.\d+", "difffit": True, "ssf": _UNET_SSF,
                 "ia3": {"outputs": r".*\.attn\d+\.(to_k|to_v)", "inputs": r".*\.ff\.net\.2"}},
     traits=_DIFFUSERS_TRAITS | {"layernorm", "norm"}, refusals=_DIFFUSION_REFUSALS,
     description="diffusers UNet2DConditionModel: SD 1.x, 2.x, SDXL (text_time conditioning)"))
@@ -159,7 +168,8 @@ register_architecture(Architecture(
 register_architecture(Architecture(
     "unet2d", classes=(("diffusers.models.unets.unet_2d", "UNet2DModel"),),
     placements={"lora": r".*attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)", "attention": r".*attentions\.\d+",
-                "ia3": {"outputs": r".*attentions\.\d+\.(to_k|to_v)"}, "tsa": r".*resnets\.\d+\.conv[12]"},
+                "ia3": {"outputs": r".*attentions\.\d+\.(to_k|to_v)"}, "tsa": r".*resnets\.\d+\.conv[12]",
+                "ssf": _UNET_SSF},
     traits=frozenset({"diffusers", "attention", "norm"}), description="diffusers UNet2DModel (DDPM)",
     refusals={**_DIFFUSION_REFUSALS, "difffit": "UNet2DModel has no transformer blocks"}))
 
@@ -180,12 +190,13 @@ _MMDIT = {
     "adaptformer": rf"{_DIT_BLOCK}\.(ff|ff_context)",
     "ia3": {"outputs": rf"{_MMDIT_ATTN}\.(to_k|to_v|add_k_proj|add_v_proj)",
             "inputs": rf"{_DIT_BLOCK}\.(ff|ff_context)\.net\.2"},
+    "difffit": True,  # its own block finder (methods/difffit.py): joint and single-stream blocks
 }
 register_architecture(Architecture(
     "sd3", classes=(("diffusers.models.transformers.transformer_sd3", "SD3Transformer2DModel"),),
-    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals={**_DIFFUSION_REFUSALS, "difffit": _JOINT},
+    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals=_DIFFUSION_REFUSALS,
     description="diffusers SD3Transformer2DModel (MMDiT)"))
 register_architecture(Architecture(
     "flux", classes=(("diffusers.models.transformers.transformer_flux", "FluxTransformer2DModel"),),
-    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals={**_DIFFUSION_REFUSALS, "difffit": _JOINT},
+    placements=_MMDIT, traits=_DIFFUSERS_TRAITS, refusals=_DIFFUSION_REFUSALS,
     description="diffusers FluxTransformer2DModel"))

@@ -99,9 +99,9 @@ def test_ssf_after_a_norm_with_activation_merges_exactly():
 
 def test_every_method_runs_without_targets_where_the_registry_says():
     info = pv.methods()
-    for name in ("lora", "ssf", "adaptformer", "ia3"):
+    for name in ("lora", "ssf", "adaptformer", "ia3", "vpt"):
         assert "swin" in info[name].architectures
-    assert "convnext" in info["ssf"].architectures and "swin" not in info["vpt"].architectures
+    assert "convnext" in info["ssf"].architectures and "sam-vit" not in info["vpt"].architectures
 
 
 def test_third_party_architecture_registration():
@@ -160,8 +160,22 @@ def test_methods_are_discovered_and_entry_points_load(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "entry_points",
                         lambda group: [EntryPoint(), Broken()] if group == "peftvision.methods" else [])
-    methods_pkg = sys.modules["peftvision.methods"]  # the package (pv.methods is the function)
+    methods_pkg = sys.modules["peftvision.methods"]
     with pytest.warns(UserWarning, match="broken"):
         methods_pkg.load_entry_points()
     assert loaded == ["toy"]
     assert "ia3" in pv.methods()  # a file in peftvision/methods/, no import list
+
+
+@pytest.mark.parametrize("first", ["import peftvision.methods as m", "import peftvision as pv"])
+def test_methods_is_the_subpackage_and_lists_the_methods(first):
+    """`peftvision.methods` named both a function and the subpackage: `import peftvision.methods
+    as m` gave the function (no `m.Method`, no `m.lora`), whichever was imported first."""
+    import subprocess
+
+    code = (f"{first}\nimport peftvision as pv\nimport peftvision.methods as m\n"
+            "from peftvision.methods import lora\n"
+            "assert m is pv.methods and m.Method is lora.Method\n"
+            "assert 'lora' in pv.methods() and pv.methods()['lora'].kind == 'additive'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -209,6 +209,51 @@ def test_difffit_scales_sit_on_branches_and_projections():
     assert torch.allclose(got, expected_out, rtol=1e-5, atol=1e-5), (got - expected_out).abs().max()
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_difffit_on_mmdit_blocks(family):
+    """DiffFit was refused on SD3 / Flux (joint attentions return (image, context) pairs). Its γ
+    sit on both streams' q/k/v/out projections (to_out.0 and to_add_out being the attention
+    branches), on ff / ff_context and on a single-stream block's proj_out; each one changes the
+    output, and the model equals the base model with every γ as a hook on its module."""
+    from models import zoo_inputs, zoo_model, zoo_run
+
+    base = zoo_model(family).eval()
+    model = pv.apply(copy.deepcopy(base), "difffit").eval()
+    scaled = {n.replace(".base_layer", "") for n, m in model.named_modules() if isinstance(m, ChannelScale)}
+    joint = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    if family == "sd3":  # the last block keeps no context stream: no to_add_out, ff_context, add_q γ
+        expected = {f"transformer_blocks.0.attn.{p}" for p in joint} | {"transformer_blocks.0.ff",
+                                                                         "transformer_blocks.0.ff_context"}
+        expected |= {f"transformer_blocks.1.attn.{p}" for p in joint[:4] + joint[5:7]} | {"transformer_blocks.1.ff"}
+    else:
+        expected = {f"transformer_blocks.0.attn.{p}" for p in joint} | {"transformer_blocks.0.ff",
+                                                                         "transformer_blocks.0.ff_context"}
+        expected |= {f"single_transformer_blocks.0.attn.{p}" for p in joint[:3]}
+        expected |= {"single_transformer_blocks.0.proj_out"}
+    assert scaled == expected
+    inputs = zoo_inputs(family)
+    with torch.no_grad():
+        y0 = zoo_run(model, inputs)
+        for name in sorted(expected):
+            gamma = get_module(model, name).difffit_scale
+            gamma.fill_(1.5)
+            assert not torch.equal(zoo_run(model, inputs), y0), f"γ on {name} has no effect"
+            gamma.fill_(1.0)
+        for m in model.modules():
+            if isinstance(m, ChannelScale):
+                m.difffit_scale.uniform_(0.5, 1.5)
+        hooks = _scale_like_difffit(base, model)
+        want, got = zoo_run(base, inputs), zoo_run(model, inputs)
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+    # the selective part: biases and the norms' affine parameters (Flux's q/k RMSNorms)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("norm1.linear.bias") for n in trainable)
+    if family == "flux":
+        assert any("norm_q" in n for n in trainable)
+
+
 def test_difffit_zero_attn2_scale_removes_cross_attention():
     base = make_model("unet").eval()
     model = pv.apply(copy.deepcopy(base), "difffit").eval()

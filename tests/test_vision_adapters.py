@@ -176,6 +176,46 @@ def test_repadapter_merges_into_a_qkv_without_bias_and_unmerge_removes_it():
     assert model.blocks[0].attn.qkv.base_layer.bias is None
 
 
+def test_repadapter_on_swin_v2_adapts_the_attention_input_and_refuses_merge():
+    """Swin v2's attention reads qkv.weight itself (F.linear with its own q/k/v biases), so an
+    adapter on qkv was refused. The adapter now sits on the attention's input: the model equals the
+    base model with x + s·(B·(A·x + a) + b) fed to every attention and fc1 (B group-wise, as
+    dense block-diagonal here); merge is refused (no key bias) and changes nothing."""
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("swinv2_tiny_window8_256", pretrained=False, num_classes=CLASSES, img_size=32,
+                             patch_size=4, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2)).eval()
+    model = pv.apply(copy.deepcopy(base), "repadapter", dropout=0.0, scale=0.7).eval()
+    perturb(model)
+    hooks = []
+    for name, layer in model.named_modules():
+        if isinstance(layer, RepAdapterLinear):
+            site = name.replace(".base_layer", "")
+            dense_b = torch.block_diag(*layer.B_weight.detach().unflatten(0, (layer.groups, -1)))  # (D, h)
+            a_w, a_b, b_b = layer.A.weight.detach(), layer.A.bias.detach(), layer.B_bias.detach()
+
+            def shift(mod, args, kwargs, dense_b=dense_b, a_w=a_w, a_b=a_b, b_b=b_b):
+                x = args[0]
+                return (x + 0.7 * ((x @ a_w.T + a_b) @ dense_b.T + b_b), *args[1:]), kwargs
+
+            hooks.append(base.get_submodule(site).register_forward_pre_hook(shift, with_kwargs=True))
+    sites = {n.replace(".base_layer", "") for n, m in model.named_modules() if isinstance(m, RepAdapterLinear)}
+    assert sites == {f"layers.{i}.blocks.{j}.{s}" for i in (0, 1) for j in (0, 1) for s in ("attn", "mlp.fc1")}
+    x = inputs()
+    with torch.no_grad():
+        want, got = base(x), model(x)
+    for h in hooks:
+        h.remove()
+    assert relative_error(got, want) <= 1e-5
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(pv.MergeError, match="Swin v2 has no key bias"):
+        pv.merge(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("arch,method,opts", NOT_MERGEABLE)
 def test_merge_is_refused_clearly_and_changes_nothing(arch, method, opts):
     model = applied(arch, method, opts)

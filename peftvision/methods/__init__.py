@@ -1,14 +1,23 @@
 """Built-in methods: every module in this package registers its methods when imported, so adding
 a method is adding one file here. Third-party packages register theirs through the
-"peftvision.methods" entry-point group (see docs/adding-a-method.md)."""
+"peftvision.methods" entry-point group (see docs/adding-a-method.md).
+
+The package is also what `peftvision.methods()` calls: one name, one object, so that
+`import peftvision.methods` and `pv.methods()` both work whichever is imported first."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
+import types
 import warnings
+from typing import TYPE_CHECKING
 
 from .base import Method
+
+if TYPE_CHECKING:
+    from ..registry import MethodInfo
 
 __all__ = ["Method"]
 
@@ -37,3 +46,15 @@ def load_entry_points() -> None:
 
 _discover()
 load_entry_points()
+
+
+class _MethodsPackage(types.ModuleType):
+    """This package, callable: `peftvision.methods()` lists the registered methods."""
+
+    def __call__(self) -> dict[str, MethodInfo]:
+        from ..registry import methods
+
+        return methods()
+
+
+sys.modules[__name__].__class__ = _MethodsPackage

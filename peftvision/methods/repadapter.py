@@ -10,6 +10,11 @@ those Linears and merges into them by re-parameterisation: with M = B·A (D x D,
 and c = B·a + b_B,  W' = W + s·W·M,  b' = b + s·W·c.
 B starts at zero (the model starts as the base model). Unmerge writes back the exact pre-merge
 weight (the inverse of W ↦ W(I + sM) needs a matrix inverse).
+
+Swin v2's attention reads its input through F.linear(x, qkv.weight, [q_bias; k_bias; v_bias]),
+never calling qkv, so there the adapter wraps the attention (same input, same maths). It does
+not merge: s·W·c would have to enter the key bias, which Swin v2 keeps as a fixed zero buffer
+(not saved with the model), and with cosine attention a constant key shift changes the output.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class RepAdapterLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Linear, hidden: int, groups: int, scale: float,
                  dropout: float) -> None:
         super().__init__(base_layer)
-        linear = self.weighted_layer
+        linear = self.input_linear
         width, kw = linear.in_features, like_kwargs(linear.weight)
         self.groups, self.scale = groups, scale
         self.A = nn.Linear(width, hidden, **kw)
@@ -52,11 +57,16 @@ class RepAdapterLinear(AdapterLayer):
         w = self.B_weight.unflatten(0, (self.groups, -1))  # (g, D/g, h/g)
         return torch.einsum("...gi,goi->...go", z, w).flatten(-2) + self.B_bias
 
-    def forward(self, x: Tensor) -> Tensor:
+    @property
+    def input_linear(self) -> nn.Linear:
+        """The Linear that reads the adapted input (the wrapped layer itself here)."""
+        return self.weighted_layer
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # x: (..., D)
         if self.merged:
-            return self.base_layer(x)
+            return self.base_layer(x, *args, **kwargs)
         h = x.to(self.A.weight.dtype)
-        return self.base_layer(x + (self.adapter(h) * self.scale).to(x.dtype))
+        return self.base_layer(x + (self.adapter(h) * self.scale).to(x.dtype), *args, **kwargs)
 
     def needs_bias_to_merge(self) -> bool:
         return True  # c may be non-zero on a bias-free layer
@@ -71,6 +81,20 @@ class RepAdapterLinear(AdapterLayer):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, groups={self.groups}, scale={self.scale}"
+
+
+class RepAdapterAttention(RepAdapterLinear):
+    """The adapter on the input of a Swin v2 window attention (which reads qkv.weight itself)."""
+
+    mergeable = False
+    why_not_mergeable = ("Swin v2 has no key bias to fold the adapter's constant term into (its k_bias "
+                         "is a fixed zero buffer) and its cosine attention is not invariant to it")
+    stash_on_merge = False
+
+    @property
+    def input_linear(self) -> nn.Linear:
+        qkv = self.weighted_layer.qkv
+        return qkv.weighted_layer if isinstance(qkv, AdapterLayer) else qkv
 
 
 @register_method
@@ -102,12 +126,16 @@ class RepAdapter(Method):
 
     def apply_to(self, ctx: ApplyContext) -> None:
         _family, blocks = transformer_blocks(ctx, self, self.architectures)
-        for name, _block in blocks:
+        for name, block in blocks:
+            # Swin v2's attention reads qkv.weight instead of calling qkv: adapt the attention's input
+            v2 = type(block).__name__ == "SwinTransformerV2Block"
             for site in ("attn.qkv", "mlp.fc1"):
                 linear = get_module(ctx.model, f"{name}.{site}")
                 linear = linear.weighted_layer if isinstance(linear, AdapterLayer) else linear
                 if not isinstance(linear, nn.Linear) or linear.in_features % self.groups:
                     raise ConfigError(f"repadapter needs {name}.{site} to be a Linear whose input "
                                       f"width is divisible by groups={self.groups}, got {linear}")
-                ctx.wrap(self, f"{name}.{site}", lambda m: RepAdapterLinear(
+                on_attention = v2 and site == "attn.qkv"
+                layer = RepAdapterAttention if on_attention else RepAdapterLinear
+                ctx.wrap(self, f"{name}.attn" if on_attention else f"{name}.{site}", lambda m, cls=layer: cls(
                     m, self.hidden, self.groups, self.scale, self.dropout))

@@ -1,4 +1,4 @@
-"""VPT (Jia et al., ECCV 2022): learnable prompt tokens for timm ViTs.
+"""VPT (Jia et al., ECCV 2022): learnable prompt tokens for timm ViTs (and Swin: vpt_swin.py).
 
 Tokens go after the prefix tokens (class and register tokens): [CLS, (REG), P, patches].
 shallow: inserted once, after the position embedding (wrapping `norm_pre`);
@@ -21,6 +21,7 @@ from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdapterLayer, like_kwargs
 from ..registry import register_method
 from .base import ApplyContext, Method, MethodFacts, number_in, positive_int
+from .vpt_swin import SwinPrompts, check_runnable
 
 DEFAULT_TOKENS = {"shallow": 5, "deep": 10}
 
@@ -79,13 +80,13 @@ class VPT(Method):
     mergeable: ClassVar[bool] = False
     architectures: ClassVar = ()
     placed: ClassVar[bool] = True  # families with a plain token sequence (families.py)
-    placed_where: ClassVar[str] = "prompt tokens need a timm ViT's plain token sequence"
+    placed_where: ClassVar[str] = "prompt tokens need a timm ViT's token sequence or a timm Swin's windows"
     summary: ClassVar[str] = "learnable prompt tokens before the first (shallow) or every (deep) block"
     paper: ClassVar[str] = "Jia et al., ECCV 2022"
     # prompts are extra tokens from the start; tokens x D per prompt set
     test_facts: ClassVar = MethodFacts(
         identity_at_init=False, variants={"shallow": {"mode": "shallow"}, "deep": {"mode": "deep"}},
-        params_per_layer=lambda cfg, layer: layer.tokens * layer.width if isinstance(layer, PromptTokens) else 0)
+        params_per_layer=lambda cfg, layer: vpt_params(layer))
 
     def validate(self) -> None:
         if not isinstance(self.mode, str) or self.mode not in DEFAULT_TOKENS:
@@ -97,6 +98,8 @@ class VPT(Method):
     def apply_to(self, ctx: ApplyContext) -> None:
         ctx.require_architecture(self)
         model = ctx.model
+        if ctx.architecture == "swin":
+            return self._apply_swin(ctx)
         if not all(hasattr(model, a) for a in ("norm_pre", "blocks", "norm", "num_prefix_tokens")):
             raise UnsupportedArchitectureError("vpt needs a timm VisionTransformer "
                                                "(norm_pre, blocks, norm, num_prefix_tokens)")
@@ -114,3 +117,27 @@ class VPT(Method):
             for i in range(1, len(model.blocks)):
                 ctx.wrap(self, f"blocks.{i}", prompts(replace=True))
         ctx.wrap(self, "norm", lambda m: PromptRemoval(m, offset, n))
+
+    def _apply_swin(self, ctx: ApplyContext) -> None:
+        """The paper's Swin variant: one wrapper on `layers` carries the prompts (vpt_swin.py)."""
+        model = ctx.model
+        check_runnable(model.layers)
+        # the paper's bound uses the patch size and the first stage's width for every stage
+        bound = math.sqrt(6.0 / (3 * math.prod(model.patch_embed.patch_size) + model.embed_dim))
+        dims = [block.dim for stage in model.layers for block in stage.blocks]
+        n = self.tokens if self.tokens is not None else DEFAULT_TOKENS[self.mode]
+        deep = self.mode == "deep"
+        like = model.patch_embed.proj.weight
+        ctx.wrap(self, "layers", lambda m: SwinPrompts(m, n, dims if deep else dims[:1], bound,
+                                                       self.dropout, deep, like))
+
+
+def vpt_params(layer: AdapterLayer) -> int:
+    """Prompt parameters a VPT wrapper adds: P·D per prompt set (ViT); on Swin, P·C of the first
+    block (shallow) or P·C_i summed over every block i (deep)."""
+    if isinstance(layer, PromptTokens):
+        return layer.tokens * layer.width
+    if isinstance(layer, SwinPrompts):
+        dims = [block.dim for stage in layer.base_layer for block in stage.blocks]
+        return layer.tokens * (sum(dims) if layer.deep else dims[0])
+    return 0
