@@ -71,8 +71,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
 
     Writes adapter_model.safetensors, adapter_config.json and (card=True) a README.md model
     card with `tags` and `metrics`. adapter_name: the named adapter to save (default: the only,
-    or the only active one), saved as if alone on the model. format="peft" writes a LoRA adapter in Hugging Face peft's
-    layout instead (plus diffusers' pytorch_lora_weights.safetensors for a UNet).
+    or the only active one), saved as if alone on the model. format="peft" writes the adapter in
+    Hugging Face peft's layout instead (LoRA with DoRA / rsLoRA, LoHa, LoKr, IA3 or OFT; plus
+    diffusers' pytorch_lora_weights.safetensors for a UNet LoRA).
 
     The folder is replaced as one unit (see `peftvision.folder`): a crash or a concurrent save
     leaves either the complete old adapter or the complete new one, and files of an older save
@@ -147,7 +148,7 @@ def _peftvision_files(model: nn.Module, adapter_name: str, card: bool, tags, met
 def _peft_files(model: nn.Module) -> dict[str, bytes]:
     from safetensors.torch import save as safetensors_bytes
 
-    from .methods.lora_interop import DIFFUSERS_FILE, diffusers_metadata, peft_files
+    from .interop.peft import DIFFUSERS_FILE, diffusers_metadata, peft_files
 
     config, tensors, diffusers = peft_files(model)
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -163,7 +164,7 @@ def _stale_files(folder: Path, files: dict[str, bytes]) -> list[str]:
     """Files an older save left that would contradict the new adapter: our own model card (a
     README.md the user wrote is kept) and diffusers' LoRA file."""
     from .card import CARD_MARKER
-    from .methods.lora_interop import DIFFUSERS_FILE
+    from .interop.peft import DIFFUSERS_FILE
 
     stale = [DIFFUSERS_FILE] if DIFFUSERS_FILE not in files else []
     card = folder / CARD_NAME
@@ -196,7 +197,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
     if not isinstance(config, dict):
         raise CorruptAdapterError(f"{config_path} holds a JSON {type(config).__name__}, not a "
                                   "peftvision config object; re-save the adapter")
-    if "peft_type" not in config:  # peft's LoRA layout is checked by interop below
+    if "peft_type" not in config:  # peft's layout is checked by interop below
         check_config_shape(config, config_path)
     if isinstance(config.get("format_version"), int) and config["format_version"] > FORMAT_VERSION:
         raise AdapterLoadError(
@@ -214,7 +215,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, Tensor]]
         raise CorruptAdapterError(f"{weights_path} is truncated or corrupt ({exc}); re-save or "
                                   "re-download the adapter") from exc
     if "peft_type" in config:
-        from .methods.lora_interop import from_peft
+        from .interop.peft import from_peft
 
         return from_peft(config, tensors, folder)
     return config, tensors
@@ -361,6 +362,10 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
                                "If it names a method this version lacks: pip install -U peftvision") from exc
     train_head = config.get("train_head", True)
     from_peft = bool(config.get("from_peft"))
+    if from_peft:  # layers on which peft computes what no peftvision method does
+        from .interop.peft import check_peft_targets
+
+        check_peft_targets(model, config)
     try:
         problems = _check_against_file(model, methods, train_head, tensors, from_peft, adapter_name)
     except PeftVisionError as exc:

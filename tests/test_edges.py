@@ -75,11 +75,15 @@ def test_nothing_outside_the_library_reads_its_private_state():
                 assert "_peftvision_state" not in path.read_text(), path
 
 
-def test_lora_interop_lives_with_lora():
-    assert not (PACKAGE / "interop.py").exists()
+def test_peft_interop_is_one_codec_per_method_beside_its_method():
     graph = package_graph()
-    assert "peftvision.methods.lora" in graph["peftvision.methods.lora_interop"]
-    assert "peftvision.methods.lora_interop" in graph["peftvision.checkpoint"]
+    for codec, method in (("peft_lora", "lora"), ("peft_lycoris", "loha"), ("peft_lycoris", "lokr"),
+                          ("peft_ia3", "ia3"), ("peft_oft", "oft")):
+        assert f"peftvision.methods.{method}" in graph[f"peftvision.interop.{codec}"]
+    assert "peftvision.interop.peft" in graph["peftvision.checkpoint"]
+    # methods know nothing of other libraries' formats
+    assert not any(dep.startswith("peftvision.interop") for name, deps in graph.items()
+                   if name.startswith("peftvision.methods") for dep in deps)
 
 
 def test_einops_the_declared_dependency_is_used():
