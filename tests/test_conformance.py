@@ -43,7 +43,7 @@ SUPPORTED = {
              "bias+norm+attention", "svdiff", "difffit", "lora+svdiff", "difffit+lora"],
 }
 UNSUPPORTED = [("vit", "batchnorm"), ("resnet", "layernorm"), ("resnet", "attention"),
-               ("unet", "linear"), ("unet", "batchnorm"), ("unet", "ssf"), ("vit", "tsa"),
+               ("unet", "linear"), ("unet", "batchnorm"), ("vit", "tsa"),
                ("unet", "tsa"), ("resnet", "adaptformer"), ("unet", "adaptformer"),
                ("resnet", "vpt"), ("unet", "vpt"), ("vit", "difffit"), ("resnet", "difffit")]
 # SSF's paper initialises γ ~ N(1, .02), β ~ N(0, .02); VPT's prompts are extra tokens from the start

@@ -178,7 +178,7 @@ def test_linear_probe_needs_a_head():
     ("resnet", "layernorm", "ResNet"),
     ("resnet", "attention", "ResNet"),
     ("vit", "batchnorm", "VisionTransformer"),
-    ("unet", "ssf", "UNet2DConditionModel"),
+    ("unet", "vpt", "UNet2DConditionModel"),
 ])
 def test_method_not_supported_by_the_architecture(arch, method, cls):
     supported = pv.methods()[method].architectures

@@ -551,10 +551,15 @@ def test_rslora_round_trips_through_peft(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [dict(use_dora=True), dict(init="pissa")])
-def test_peft_format_refuses_dora_and_principal_inits(cfg, tmp_path):
+def test_peft_format_holds_dora_and_principal_inits(cfg, tmp_path):
+    # DoRA saves as peft's DoRA; PiSSA/OLoRA as a rank-2r peft LoRA relative to the original W
+    # (tests/test_peft_interop.py covers each peft type both ways)
+    peft = pytest.importorskip("peft")
     model = pv.apply(make_model("vit"), "lora", r=4, **cfg)
-    with pytest.raises(pv.ConfigError, match="format='peft' does not hold"):
-        pv.save_adapter(model, tmp_path, format="peft")
+    randomize_adapters(model)
+    pv.save_adapter(model, tmp_path, format="peft")
+    theirs = peft.PeftModel.from_pretrained(make_model("vit"), tmp_path)
+    assert_outputs_close(outputs(theirs, "vit"), outputs(model, "vit"))
 
 
 # ---- 4. counts on the full-size models -------------------------------------------------------

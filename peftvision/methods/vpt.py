@@ -121,10 +121,12 @@ class VPT(Method):
     def _apply_swin(self, ctx: ApplyContext) -> None:
         """The paper's Swin variant: one wrapper on `layers` carries the prompts (vpt_swin.py)."""
         model = ctx.model
-        check_runnable(model.layers)
+        stages = model.layers  # another named adapter may hold its prompts there
+        stages = stages.weighted_layer if isinstance(stages, AdapterLayer) else stages
+        check_runnable(stages)
         # the paper's bound uses the patch size and the first stage's width for every stage
         bound = math.sqrt(6.0 / (3 * math.prod(model.patch_embed.patch_size) + model.embed_dim))
-        dims = [block.dim for stage in model.layers for block in stage.blocks]
+        dims = [block.dim for stage in stages for block in stage.blocks]
         n = self.tokens if self.tokens is not None else DEFAULT_TOKENS[self.mode]
         deep = self.mode == "deep"
         like = model.patch_embed.proj.weight
@@ -138,6 +140,6 @@ def vpt_params(layer: AdapterLayer) -> int:
     if isinstance(layer, PromptTokens):
         return layer.tokens * layer.width
     if isinstance(layer, SwinPrompts):
-        dims = [block.dim for stage in layer.base_layer for block in stage.blocks]
+        dims = [block.dim for stage in layer.weighted_layer for block in stage.blocks]
         return layer.tokens * (sum(dims) if layer.deep else dims[0])
     return 0

@@ -61,6 +61,7 @@ class SwinPrompts(AdapterLayer):
 
     mergeable = False
     why_not_mergeable = "VPT prompts are extra tokens, not a weight change"
+    reads_wrapped_layer = True  # runs the user's stages itself: another adapter's wrapper here is skipped
 
     def __init__(self, base_layer: nn.Module, tokens: int, widths: list[int], init_bound: float,
                  dropout: float, deep: bool, like: Tensor) -> None:
@@ -72,10 +73,11 @@ class SwinPrompts(AdapterLayer):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, H, W, C) from the patch embedding
-        check_runnable(self.base_layer)
+        stages = self.weighted_layer  # the user's Sequential, under other adapters' prompt wrappers
+        check_runnable(stages)
         sets = iter(self.prompts)
         p = None
-        for stage in self.base_layer:
+        for stage in stages:
             if p is not None and not self.deep and not isinstance(stage.downsample, nn.Identity):
                 p = merge_prompts(stage.downsample, p)  # (B, P, C) -> (B, P, C')
             x = stage.downsample(x)
