@@ -9,7 +9,7 @@ DOCS_STAMP := $(VENV)/.peftvision-docs-installed
 # pytest-xdist workers; TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
-.PHONY: venv demo test lint build release docs clean
+.PHONY: venv demo test test-slow lint build release docs clean
 
 venv: $(STAMP)
 
@@ -24,11 +24,17 @@ $(STAMP): pyproject.toml
 demo: venv
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks demo
 
-# All tests, slow ones included. One torch thread per xdist worker so 2 workers don't
-# oversubscribe the cores (override with OMP_NUM_THREADS=...).
+# The default suite: every test but those marked slow (full-size models, the whole demo, long
+# end-to-end runs). One torch thread per xdist worker so 2 workers don't oversubscribe the cores
+# (override with OMP_NUM_THREADS=...). `make test-slow` runs the slow ones; CI runs both.
+PYTEST := OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -q
+
 test: venv
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} \
-		$(BIN)/python -m pytest -n $(TEST_WORKERS) -q
+	$(PYTEST) -m "not slow"
+
+test-slow: venv
+	$(PYTEST) -m slow
 
 lint: venv
 	$(BIN)/ruff check .

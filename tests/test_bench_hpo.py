@@ -127,6 +127,7 @@ def test_sqlite_study_persists_and_resumes(db_dir):
     assert sum(third["n_trials"].values()) == 12
 
 
+@pytest.mark.slow
 def test_pruning_prunes_and_finds_the_optimum(db_dir):
     summary = run_hpo(Cfg(epochs=9), trials=20, storage=sqlite(db_dir), study_name="p",
                       objective_fn=fake_objective, retrain=False)
@@ -330,6 +331,7 @@ def pg_worker(url: str, study: str, trials: int, sampler_seed: int) -> None:
             objective_fn=fake_objective, retrain=False)
 
 
+@pytest.mark.slow
 def test_postgresql_workers_share_one_study(postgres_url, tmp_path):
     code = ("import sys; from test_bench_hpo import pg_worker; "
             "pg_worker(sys.argv[1], 'shared', int(sys.argv[2]), int(sys.argv[3]))")

@@ -194,6 +194,7 @@ def test_gradient_accumulation_equals_the_full_batch(tmp_path):
     assert max((small[k] - full[k]).abs().max().item() for k in full) > 1e-2
 
 
+@pytest.mark.slow
 def test_reduced_table2_end_to_end_with_hpo(tmp_path, capsys):
     data = write_medmnist(tmp_path / "ham.npz", sizes=(48, 16, 16))
     out = tmp_path / "t2"

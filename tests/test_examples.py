@@ -18,7 +18,12 @@ TINY_ARGS = {
 }
 
 
-@pytest.mark.parametrize("script", sorted(TINY_ARGS))
+# the two that build the most models run with the slow tests
+SLOW = {"quickstart.py", "unet_bias_text_to_image.py"}
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=[pytest.mark.slow] if s in SLOW else [])
+                                    for s in sorted(TINY_ARGS)])
 def test_example_runs(script, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(EXAMPLES / script), *TINY_ARGS[script],

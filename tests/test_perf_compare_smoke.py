@@ -4,9 +4,12 @@ markdown). The figures come from the full-size run, not from here."""
 
 import json
 
+import pytest
+
 from benchmarks.perf import compare
 
 
+@pytest.mark.slow
 def test_compare_benchmark_tiny(tmp_path, capsys):
     out, md = tmp_path / "compare.json", tmp_path / "performance.md"
     compare.main(["--tiny", "--methods", "lora,bias,layernorm,full", "--steps", "1",
