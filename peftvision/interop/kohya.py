@@ -17,6 +17,7 @@ fp32 rounding). Conversion to peftvision's layout is in this file; writing is in
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from collections import Counter
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from ..errors import AdapterLoadError, CorruptAdapterError
 from ..methods.lokr import factorization
+from ..registry import get_method
 from .peft_lycoris import LOHA_FACTORS, LOKR_FACTORS
 
 # file prefix -> the model it adapts ("unet", "text_encoder", "text_encoder_2")
@@ -321,7 +323,8 @@ def convert(layers: dict[str, FileLayer], model: nn.Module, source: Path) -> tup
             config, found = _convert_lokr(mine, model, source)
         else:
             config, found = (_convert_lora if kind == "lora" else _convert_loha)(mine, model)
-        methods.append({"name": kind, "config": config})
+        # the method's own to_dict: every field, as a folder save records it (hotswap compares them)
+        methods.append({"name": kind, "config": json.loads(json.dumps(get_method(kind)(**config).to_dict()))})
         tensors.update(found)
     config = {"methods": methods, "base_model": {}, "train_head": False, "from_peft": True}
     return config, tensors
