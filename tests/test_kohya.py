@@ -159,9 +159,11 @@ def test_per_layer_alpha_and_rank_follow_kohya(base, inputs, tmp_path):
     assert lora.r == 4  # smaller ranks zero-padded to the largest
 
 
-def test_save_kohya_is_loaded_by_diffusers_with_our_outputs(base, inputs, tmp_path):
-    model = pv.apply(copy.deepcopy(base), "lora", r=4, alpha=8.0, use_rslora=True,
-                     targets=ATTN + ["conv1", "conv_in"])
+@pytest.mark.parametrize("options", [dict(use_rslora=True), dict(init="pissa")])
+def test_save_kohya_is_loaded_by_diffusers_with_our_outputs(base, inputs, tmp_path, options):
+    # rsLoRA: alpha/sqrt(r) written as a per-layer alpha; PiSSA: its frozen offset as rank 2r
+    model = pv.apply(copy.deepcopy(base), "lora", r=4, alpha=8.0, targets=ATTN + ["conv1", "conv_in"],
+                     **options)
     torch.manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -178,7 +180,8 @@ def _lycoris_loha(base: nn.Module, seed=0) -> dict:
     """LoHa on a Linear (rank 2), a 3x3 conv (rank 3) and a 1x1 conv, alphas differing."""
     g = torch.Generator().manual_seed(seed)
     layers = {"down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (2, 1.0),
-              "down_blocks_0_resnets_0_conv1": (3, 6.0), "up_blocks_1_attentions_0_proj_in": (2, 2.0)}
+              "down_blocks_0_resnets_0_conv1": (3, 6.0),
+              "up_blocks_1_attentions_0_proj_in": (2, None)}  # no alpha: alpha = r
     modules = {n.replace(".", "_"): m for n, m in base.named_modules()}
     tensors = {}
     for name, (r, alpha) in layers.items():
@@ -187,7 +190,8 @@ def _lycoris_loha(base: nn.Module, seed=0) -> dict:
         for pair in ("w1", "w2"):
             tensors[f"{key}.hada_{pair}_a"] = torch.randn(w.shape[0], r, generator=g) * 0.3
             tensors[f"{key}.hada_{pair}_b"] = torch.randn(r, w[0].numel(), generator=g) * 0.3
-        tensors[f"{key}.alpha"] = torch.tensor(alpha)
+        if alpha is not None:
+            tensors[f"{key}.alpha"] = torch.tensor(alpha)
     return tensors
 
 
@@ -202,6 +206,18 @@ def test_lycoris_loha_matches_the_lycoris_formula(base, inputs, tmp_path):
     from safetensors.torch import load_file
 
     torch.testing.assert_close(_out(_formula(base, load_file(str(out))), inputs), _out(ours, inputs), **TOL)
+
+
+def test_a_1x1_conv_lora_loads_onto_a_linear_projection(inputs, tmp_path):
+    """SD 1 files keep proj_in as a 1x1 conv; SD 2 UNets (use_linear_projection) have a Linear."""
+    torch.manual_seed(0)
+    base = tiny_unet(use_linear_projection=True)
+    g = torch.Generator().manual_seed(4)
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    tensors = {f"{key}.lora_down.weight": torch.randn(2, 16, 1, 1, generator=g),
+               f"{key}.lora_up.weight": torch.randn(16, 2, 1, 1, generator=g), f"{key}.alpha": torch.tensor(1.0)}
+    ours = pv.load_adapter(copy.deepcopy(base), _save(tmp_path / "sd1.safetensors", tensors))
+    torch.testing.assert_close(_out(ours, inputs), _out(_formula(base, tensors), inputs), **TOL)
 
 
 def _lycoris_lokr(decompose_both: bool, seed=0) -> dict:

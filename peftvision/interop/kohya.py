@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ class Part:
 
 
 def is_single_file(source: object) -> bool:
-    return isinstance(source, (str, Path)) and Path(source).expanduser().is_file()
+    return isinstance(source, (str, os.PathLike)) and Path(source).expanduser().is_file()
 
 
 def read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
