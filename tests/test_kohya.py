@@ -146,12 +146,15 @@ def test_kohya_lora_and_locon_give_diffusers_outputs(base, inputs, tmp_path):
     assert kinds == {"LoRALinear", "LoRAConv"}
 
 
-def test_per_layer_alpha_and_rank_follow_kohya(base, inputs, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_per_layer_alpha_and_rank_follow_kohya(base, inputs, tmp_path, dtype):
     """Every layer's own alpha/r, on attention too (diffusers applies only the most common alpha
-    to attention layers, whose keys its alpha mapping misses), so the reference is the formula."""
+    to attention layers, whose keys its alpha mapping misses), so the reference is the formula.
+    fp16 files (the usual download) fold their alphas in fp32."""
     tensors = _peft_kohya(base, ATTN + CONVS, "unet", rank_pattern={"conv1": 1, "to_v": 3})
     for i, key in enumerate(sorted(k for k in tensors if k.endswith(".alpha"))):
         tensors[key] = torch.tensor([4.0, 1.0, 6.0, 0.5][i % 4])
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     path = _save(tmp_path / "mixed.safetensors", tensors)
     ours = pv.load_adapter(copy.deepcopy(base), path)
     torch.testing.assert_close(_out(ours, inputs), _out(_formula(base, tensors), inputs), **TOL)

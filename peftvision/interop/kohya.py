@@ -224,6 +224,13 @@ def _pad(t: Tensor, dim: int, size: int) -> Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
+def _times(t: Tensor, ratio: float) -> Tensor:
+    """`t`·ratio, computed in fp32 at least (files are often fp16; the model's copy casts back)."""
+    if ratio == 1:
+        return t
+    return t.to(torch.promote_types(t.dtype, torch.float32)) * ratio
+
+
 def _common_scale(layers: dict[str, FileLayer]) -> float:
     """The scale most layers share (first seen on ties): those need no folding."""
     return Counter(scale_of(layer) for layer in layers.values()).most_common(1)[0][0]
@@ -239,7 +246,7 @@ def _convert_lora(layers: dict[str, FileLayer], model: nn.Module) -> tuple[dict,
             down, up = down.flatten(1), up.flatten(1)  # a 1x1-conv LoRA on a Linear (SD 1 vs 2 proj_in)
         ratio = scale_of(layer) / s
         tensors[f"{name}.lora_A"] = _pad(down, 0, r)  # (r, in[, k, k])
-        tensors[f"{name}.lora_B"] = _pad(up if ratio == 1 else up * ratio, 1, r)  # (out, r[, 1, 1])
+        tensors[f"{name}.lora_B"] = _pad(_times(up, ratio), 1, r)  # (out, r[, 1, 1])
     config = {"r": r, "alpha": s * r, "dropout": 0.0, "targets": sorted(layers), "qkv_parts": None,
               "use_rslora": False, "use_dora": False}
     return config, tensors
@@ -252,8 +259,7 @@ def _convert_loha(layers: dict[str, FileLayer], model: nn.Module) -> tuple[dict,
     for name, layer in layers.items():
         f = {k: v.flatten(1) for k, v in layer.factors.items()}  # (out, r) / (r, in·k·k)
         ratio = scale_of(layer) / s
-        if ratio != 1:
-            f["hada_w1_a"] = f["hada_w1_a"] * ratio
+        f["hada_w1_a"] = _times(f["hada_w1_a"], ratio)
         for k, t in f.items():
             tensors[f"{name}.{k}"] = _pad(t, 1 if k.endswith("_a") else 0, r)
     return {"r": r, "alpha": s * r, "targets": sorted(layers)}, tensors
@@ -301,8 +307,7 @@ def _convert_lokr(layers: dict[str, FileLayer], model: nn.Module, source: Path) 
         f = dict(layer.factors)
         ratio = scale_of(layer) / s
         first = "lokr_w1" if "lokr_w1" in f else "lokr_w1_a"
-        if ratio != 1:
-            f[first] = f[first] * ratio
+        f[first] = _times(f[first], ratio)
         for k, t in f.items():
             if k in ("lokr_w1_a", "lokr_w2_a"):
                 t = _pad(t, 1, r)  # (a | b, r)
@@ -349,7 +354,7 @@ def read_kohya(path: Path, models: dict[str, nn.Module | None]) -> list[Part]:
         what = ", ".join(f"{n} {t} layer(s)" for t, n in skipped.items())
         hint = " and ".join(f"{t}=" for t in skipped)
         warnings.warn(f"{path}: skipped {what}; pass {hint} to load_adapter to load them too "
-                      "(outputs then differ from the full LoRA's)", stacklevel=3)
+                      "(outputs then differ from the full LoRA's)", stacklevel=4)
     parts = []
     for target, found in by_target.items():
         model = models.get(target)

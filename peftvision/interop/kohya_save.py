@@ -109,8 +109,9 @@ def kohya_bytes(models: dict[str, nn.Module]) -> bytes:
     # not need them: every layer carries its rank and alpha
     algo = sorted(kinds)
     metadata = {"format": "pt", "peftvision_version": __version__,
-                "ss_network_module": "networks.lora" if algo == ["lora"] else "lycoris.kohya",
-                "ss_network_args": json.dumps({"algo": "+".join(algo)})}
+                "ss_network_module": "networks.lora" if algo == ["lora"] else "lycoris.kohya"}
+    if algo != ["lora"]:
+        metadata["ss_network_args"] = json.dumps({"algo": "+".join(algo)})
     return save(tensors, metadata=metadata)
 
 
