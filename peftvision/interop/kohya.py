@@ -9,10 +9,11 @@ One .safetensors file; each adapted layer is "<prefix><module path, '.' written 
   LoKr      lokr_w1 (a, c) or lokr_w1_a/b, lokr_w2 (b, d[, k, k]) or lokr_w2_a (b, r)/lokr_w2_b (r, d·k·k),
             alpha; ΔW = s·W1 ⊗ W2 with s = alpha/r when a factor is low rank, else 1 (LyCORIS stores
             alpha = r then; A1111 and diffusers ignore it)
-A missing alpha means alpha = r. Every layer has its own rank and alpha; a peftvision method has
-one of each, so smaller ranks are zero-padded to the largest (ΔW unchanged, exactly) and a layer
-whose alpha/r differs from the common one has the ratio folded into one factor (ΔW equal up to one
-fp32 rounding). Conversion to peftvision's layout is in this file; writing is in kohya_save.py.
+SDXL files use the original UNet's block names (kohya_sgm.py maps them). A missing alpha means
+alpha = r. Every layer has its own rank and alpha; a peftvision method has one of each, so
+smaller ranks are zero-padded to the largest (ΔW unchanged, exactly) and a layer whose alpha/r
+differs from the common one has the ratio folded into one factor (ΔW equal up to one fp32
+rounding). Conversion to peftvision's layout is in this file; writing is in kohya_save.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from ..errors import AdapterLoadError, CorruptAdapterError
 from ..methods.lokr import factorization
 from ..registry import get_method
+from .kohya_sgm import SGM_NAMES, TOP, to_diffusers
 from .peft_lycoris import LOHA_FACTORS, LOKR_FACTORS
 
 # file prefix -> the model it adapts ("unet", "text_encoder", "text_encoder_2")
@@ -50,7 +52,6 @@ REFUSED = {
     "oft_blocks": "LyCORIS OFT / BOFT", "oft_diag": "LyCORIS OFT", "rescale": "LyCORIS OFT",
     "on_input": "IA3", "weight": "IA3 or a full weight",
 }
-SGM_NAMES = ("input_blocks", "middle_block", "output_blocks")
 
 
 @dataclass
@@ -196,6 +197,8 @@ def resolve(layers: list[FileLayer], prefix_len: dict[str, int], model: nn.Modul
         flat = layer.key[prefix_len[layer.key]:]
         # transformers >= 5 builds CLIPTextModel without the text_model level kohya names include
         names = index.get(flat) or index.get(flat.removeprefix("text_model_")) or []
+        if not names and flat.startswith(SGM_NAMES + tuple(TOP)):  # SDXL: the original UNet's names
+            names = index.get(to_diffusers(flat, model) or "", [])
         if len(names) > 1:
             raise AdapterLoadError(f"{source}: {layer.key} could name {' or '.join(names)} in the "
                                    f"{what}; the file cannot be mapped onto this model")
@@ -205,9 +208,9 @@ def resolve(layers: list[FileLayer], prefix_len: dict[str, int], model: nn.Modul
             missing.append(layer.key)
     if missing:
         sgm = any(s in k for k in missing for s in SGM_NAMES)
-        hint = (" These are SDXL's original (SGM / LDM) block names, which peftvision does not map "
-                "onto diffusers' UNet" if sgm else f" Is it a LoRA for another model than this "
-                f"{type(model).__name__}?")
+        hint = (" These are the original (SGM / LDM) UNet's block names of an SDXL file; they do "
+                "not fit this UNet's blocks (layers_per_block, block types)" if sgm else
+                f" Is it a LoRA for another model than this {type(model).__name__}?")
         raise AdapterLoadError(f"{source}: {len(missing)} layer(s) name no Linear / Conv module of the "
                                f"{what}, such as {', '.join(sorted(missing)[:3])}.{hint}")
     return found
