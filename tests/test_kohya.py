@@ -282,6 +282,11 @@ def test_text_encoder_layers_are_reported_and_skipped_or_loaded(base, inputs, tm
     # and saved back with both parts: the same functions again
     out = tmp_path / "both_again.safetensors"
     pv.save_adapter(unet, out, format="kohya", text_encoder=te_loaded)
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:  # A1111's / kohya's CLIP names, whatever transformers builds
+        assert {k.split(".")[0] for k in f.keys() if k.startswith("lora_te")} == {
+            k.split(".")[0] for k in te_tensors}
     unet2, te2 = copy.deepcopy(base), copy.deepcopy(te)
     pv.load_adapter(unet2, out, text_encoder=te2)
     torch.testing.assert_close(_te_out(te2), want, **TOL)

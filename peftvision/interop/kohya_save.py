@@ -69,6 +69,13 @@ def _scalar(value: float, like: Tensor) -> Tensor:
     return torch.tensor(float(value), dtype=torch.float32, device=like.device)
 
 
+def _text_model(model: nn.Module, target: str, name: str) -> str:
+    """kohya names CLIP's layers from its text_model level, which transformers >= 5 leaves out."""
+    if target == "unet" or hasattr(model, "text_model") or name.startswith("text_projection"):
+        return ""
+    return "text_model_"
+
+
 def layer_tensors(model: nn.Module, target: str) -> tuple[dict[str, Tensor], list[str]]:
     """{file key: tensor} for one model whose only adapter is active, and its method names."""
     state = require_state(model, "save_adapter(format='kohya')")
@@ -88,7 +95,7 @@ def layer_tensors(model: nn.Module, target: str) -> tuple[dict[str, Tensor], lis
             found = _lokr(name, module)
         else:
             found = _lora(name, module)
-        key = PREFIX[target] + name.replace(".", "_")
+        key = PREFIX[target] + _text_model(model, target, name) + name.replace(".", "_")
         tensors.update({f"{key}.{k}": v.detach().cpu().contiguous() for k, v in found.items()})
     return tensors, names
 
