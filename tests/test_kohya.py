@@ -211,14 +211,17 @@ def test_lycoris_loha_matches_the_lycoris_formula(base, inputs, tmp_path):
     torch.testing.assert_close(_out(_formula(base, load_file(str(out))), inputs), _out(ours, inputs), **TOL)
 
 
-def test_a_1x1_conv_lora_loads_onto_a_linear_projection(inputs, tmp_path):
-    """SD 1 files keep proj_in as a 1x1 conv; SD 2 UNets (use_linear_projection) have a Linear."""
+@pytest.mark.parametrize("linear", [True, False])
+def test_proj_in_loras_load_across_conv_and_linear_projections(inputs, tmp_path, linear):
+    """SD 1 keeps proj_in as a 1x1 conv, SD 2 (use_linear_projection) as a Linear: a file made
+    for one loads onto the other."""
     torch.manual_seed(0)
-    base = tiny_unet(use_linear_projection=True)
+    base = tiny_unet(use_linear_projection=linear)
     g = torch.Generator().manual_seed(4)
     key = "lora_unet_down_blocks_0_attentions_0_proj_in"
-    tensors = {f"{key}.lora_down.weight": torch.randn(2, 16, 1, 1, generator=g),
-               f"{key}.lora_up.weight": torch.randn(16, 2, 1, 1, generator=g), f"{key}.alpha": torch.tensor(1.0)}
+    ones = (1, 1) if linear else ()  # the file has the other layout
+    tensors = {f"{key}.lora_down.weight": torch.randn(2, 16, *ones, generator=g),
+               f"{key}.lora_up.weight": torch.randn(16, 2, *ones, generator=g), f"{key}.alpha": torch.tensor(1.0)}
     ours = pv.load_adapter(copy.deepcopy(base), _save(tmp_path / "sd1.safetensors", tensors))
     torch.testing.assert_close(_out(ours, inputs), _out(_formula(base, tensors), inputs), **TOL)
 

@@ -245,8 +245,12 @@ def _convert_lora(layers: dict[str, FileLayer], model: nn.Module) -> tuple[dict,
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
         down, up = layer.factors["lora_down.weight"], layer.factors["lora_up.weight"]
-        if isinstance(model.get_submodule(name), nn.Linear) and down.dim() == 4:
-            down, up = down.flatten(1), up.flatten(1)  # a 1x1-conv LoRA on a Linear (SD 1 vs 2 proj_in)
+        module = model.get_submodule(name)
+        # SD 1's proj_in / proj_out are 1x1 convs, SD 2's (use_linear_projection) Linear layers
+        if isinstance(module, nn.Linear) and down.dim() == 4 and down.shape[2:].numel() == 1:
+            down, up = down.flatten(1), up.flatten(1)
+        elif isinstance(module, nn.Conv2d) and down.dim() == 2 and module.weight.shape[2:].numel() == 1:
+            down, up = down[..., None, None], up[..., None, None]
         ratio = scale_of(layer) / s
         tensors[f"{name}.lora_A"] = _pad(down, 0, r)  # (r, in[, k, k])
         tensors[f"{name}.lora_B"] = _pad(_times(up, ratio), 1, r)  # (out, r[, 1, 1])
