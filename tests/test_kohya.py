@@ -383,3 +383,13 @@ def test_save_kohya_refuses_what_the_format_cannot_hold(base, tmp_path, case):
     with pytest.raises((ConfigError, ValueError), match=match):
         pv.save_adapter(model, path, format="kohya")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_text_encoder_arguments_belong_to_the_single_file_format(base, tmp_path):
+    te = _tiny_te()
+    with pytest.raises(ValueError, match="single-file"):
+        pv.load_adapter(copy.deepcopy(base), tmp_path, text_encoder=te)
+    model = pv.apply(copy.deepcopy(base), "lora", r=2, targets=ATTN)
+    with pytest.raises(ValueError, match="format='kohya'"):
+        pv.save_adapter(model, tmp_path / "peft", format="peft", text_encoder=te)
+    assert get_adapters(te) is None and not (tmp_path / "peft").exists()
