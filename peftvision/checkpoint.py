@@ -61,19 +61,23 @@ def adapter_config(model: nn.Module, adapter_name: str | None = None) -> dict:
     }
 
 
-SAVE_FORMATS = ("peftvision", "peft")
+SAVE_FORMATS = ("peftvision", "peft", "kohya")
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool = True,
                  tags: list[str] | None = None, metrics: dict[str, float] | None = None,
-                 format: str = "peftvision", adapter_name: str | None = None) -> Path:
+                 format: str = "peftvision", adapter_name: str | None = None,
+                 text_encoder: nn.Module | None = None, text_encoder_2: nn.Module | None = None) -> Path:
     """Save what was trained to `directory` (created if needed); returns the directory.
 
     Writes adapter_model.safetensors, adapter_config.json and (card=True) a README.md model
     card with `tags` and `metrics`. adapter_name: the named adapter to save (default: the only,
     or the only active one), saved as if alone on the model. format="peft" writes the adapter in
     Hugging Face peft's layout instead (LoRA with DoRA / rsLoRA, LoHa, LoKr, IA3 or OFT; plus
-    diffusers' pytorch_lora_weights.safetensors for a UNet LoRA).
+    diffusers' pytorch_lora_weights.safetensors for a UNet LoRA). format="kohya" writes one file,
+    `directory` being its path ending in .safetensors, in the kohya-ss / A1111 / LyCORIS layout
+    that diffusers' load_lora_weights and A1111 read (LoRA / LoCon, LoHa, LoKr on a UNet; the
+    LoRAs of `text_encoder` / `text_encoder_2` too when given); no card is written.
 
     The folder is replaced as one unit (see `peftvision.folder`): a crash or a concurrent save
     leaves either the complete old adapter or the complete new one, and files of an older save
@@ -95,6 +99,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
                          "peftvision.unmerge(model) first (or unload(model, merge=True) and save "
                          "the plain model's state dict)")
     out = Path(directory)
+    if (text_encoder is not None or text_encoder_2 is not None) and format != "kohya":
+        raise ValueError("text_encoder= and text_encoder_2= go with format='kohya'")
+    if format == "kohya":
+        from .interop.kohya_save import save_kohya
+
+        save_kohya(model, out, state.adapter_name, text_encoder, text_encoder_2)
+        return out
     if format == "peft":
         with _alone(model, state.adapter_name):
             files = _peft_files(model)
@@ -309,24 +320,43 @@ def _mismatches(live: dict[str, Tensor], tensors: dict[str, Tensor], from_peft: 
 
 def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str | None = None,
                  token: str | None = None, adapter_name: str | None = None,
-                 hotswap: bool = False) -> nn.Module:
+                 hotswap: bool = False, text_encoder: nn.Module | None = None,
+                 text_encoder_2: nn.Module | None = None) -> nn.Module:
     """Re-apply the recorded methods to the base `model` and load the adapter strictly.
 
-    `source` is a folder written by save_adapter or a Hugging Face Hub repo id. On a model that
-    already has adapters, `adapter_name` names the new one, which is loaded beside them (inactive
-    until peftvision.set_adapter). hotswap=True instead replaces the weights of the existing
-    adapter `adapter_name` in place (same methods and shapes): a torch.compile'd model then
-    switches adapters without recompiling. On any error the model is left as it was."""
-    from .api import apply
-    from .identity import base_identity
-    from .methods.base import Method
-    from .named import check_adapter_name
-    from .registry import get_method
-    from .state import get_adapters
+    `source` is a folder written by save_adapter, a Hugging Face Hub repo id, or a single
+    .safetensors file in the Stable Diffusion community's layout (kohya-ss / A1111 LoRA and
+    LoCon, LyCORIS LoHa and LoKr; see peftvision.interop.kohya). Such a file's text-encoder
+    layers load into `text_encoder` (lora_te_ / lora_te1_) and `text_encoder_2` (lora_te2_)
+    when given (transformers CLIPTextModel), and are skipped with a warning otherwise. On a
+    model that already has adapters, `adapter_name` names the new one, which is loaded beside
+    them (inactive until peftvision.set_adapter). hotswap=True instead replaces the weights of
+    the existing adapter `adapter_name` in place (same methods and shapes): a torch.compile'd
+    model then switches adapters without recompiling. On any error the models are left as they were."""
+    from .interop.kohya import is_single_file
 
-    wrapper, model = model, unwrap(model)
     if not isinstance(hotswap, bool):
         raise ValueError(f"hotswap must be True or False, got {hotswap!r}")
+    if is_single_file(source):
+        from .interop.kohya_load import load_single_file
+
+        return load_single_file(model, Path(source).expanduser(), adapter_name, hotswap,
+                                text_encoder, text_encoder_2)
+    if text_encoder is not None or text_encoder_2 is not None:
+        raise ValueError("text_encoder= and text_encoder_2= go with a single-file (kohya / A1111) "
+                         f"adapter; {source!r} is not a file")
+    _check_name(unwrap(model), adapter_name, hotswap)  # before any download
+    folder = _resolve_source(source, revision, token)
+    config, tensors = read_adapter(folder)
+    load_read(model, config, tensors, folder, adapter_name, hotswap)
+    return model
+
+
+def _check_name(model: nn.Module, adapter_name: str | None, hotswap: bool) -> None:
+    """AdapterLoadError unless `adapter_name` fits what is on `model` (before any download)."""
+    from .named import check_adapter_name
+    from .state import get_adapters
+
     found = get_adapters(model)
     if hotswap and (found is None or adapter_name not in found.states):
         raise AdapterLoadError(f"hotswap=True replaces an existing adapter's weights, but this model has "
@@ -342,8 +372,21 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
                                    "hotswap=True to replace its weights, or delete_adapter it first")
     if adapter_name is not None:
         check_adapter_name(adapter_name, None)
-    folder = _resolve_source(source, revision, token)
-    config, tensors = read_adapter(folder)
+
+
+def load_read(model: nn.Module, config: dict, tensors: dict[str, Tensor], folder: Path,
+              adapter_name: str | None, hotswap: bool) -> nn.Module:
+    """load_adapter once the adapter is read: apply its methods to `model`, then copy the tensors;
+    the model is left as it was on any error."""
+    from .api import apply
+    from .identity import base_identity
+    from .methods.base import Method
+    from .registry import get_method
+    from .state import get_adapters
+
+    wrapper, model = model, unwrap(model)
+    _check_name(model, adapter_name, hotswap)
+    found = get_adapters(model)
     if hotswap:
         _hotswap(model, adapter_name, config, tensors, folder)
         return wrapper

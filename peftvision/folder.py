@@ -67,6 +67,19 @@ def write_durable(path: Path, data: bytes) -> None:
         raise
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write one file atomically: a temp file beside it, fsynced, renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / temp_name(path.name, secrets.token_hex(6))
+    write_durable(tmp, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def _fsync_dir(folder: Path) -> None:
     if os.name != "posix":  # pragma: no cover - directories cannot be fsynced there
         return
