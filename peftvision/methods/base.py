@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
+from .. import quant
 from ..architectures import GENERIC, Architecture, architectures, get_architecture
 from ..errors import ConfigError, UnsupportedArchitectureError, did_you_mean
 from ..layers import Adapter, AdapterLayer
@@ -119,6 +119,10 @@ class Method:
         """The user's targets, else the preset for the model's architecture."""
         targets = getattr(self, "targets", None)
         return targets if targets is not None else self.default_targets(ctx)
+
+    def quantized_refusal(self) -> str:
+        """Why this config cannot wrap a bitsandbytes (quantized) layer, or '' when it can."""
+        return f"{self.name} computes with the layer's weight, which is quantized"
 
     def remove_from(self, model: nn.Module) -> None:
         """Undo changes other than wrappers and selections (inserted modules); called by unload."""
@@ -274,6 +278,11 @@ class ApplyContext:
         """Make these existing (canonical name, parameter) pairs trainable for `method`."""
         count = 0
         for canonical, param in params:
+            if not param.is_floating_point():  # requires_grad_ would be a raw torch error
+                module = get_module(self.model, canonical.rpartition(".")[0]) if "." in canonical else self.model
+                raise UnsupportedArchitectureError(quant.refusal(
+                    method.name, canonical, _unwrapped(module),
+                    f"{canonical} is {param.dtype}, which cannot train"))
             self.state.keep(canonical, param)  # before training changes it (unload restores it)
             param.requires_grad_(True)
             if canonical not in self.state.selected:  # selected by two methods: counted once
@@ -318,11 +327,14 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 
 
 def _check_float_weights(method: Method, name: str, module: nn.Module) -> None:
-    weight = getattr(_unwrapped(module), "weight", None)
-    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
-        raise UnsupportedArchitectureError(
-            f"{method.name}: {name} holds {weight.dtype} (integer or quantized) weights; peftvision adapts "
-            "floating-point layers only. Dequantize the model first, or leave this layer out of targets")
+    """Refuse to wrap a layer with integer / quantized weights unless it is a bitsandbytes layer
+    and the method can run on it (QLoRA): never a raw torch error later on an int8 tensor."""
+    layer = _unwrapped(module)
+    if not quant.is_quantized(layer):
+        return
+    why = method.quantized_refusal() if quant.bnb_kind(layer) else "integer or quantized weights"
+    if why:
+        raise UnsupportedArchitectureError(quant.refusal(method.name, name, layer, why))
 
 
 _PARENT_READS = re.compile(r"self\.(\w+)\.(\w+)")
