@@ -80,9 +80,10 @@ def refusal(method: str, name: str, module: nn.Module, why: str = "") -> str:
     """The message for a method that cannot adapt (or train) the quantized layer `module`."""
     because = f"; {why}" if why else ""
     if bnb_kind(module):
-        return (f"{method}: {name} is a {describe(module)}{because}. Only 'lora' (without DoRA, "
-                "with init 'kaiming' or 'gaussian') adapts bitsandbytes layers (QLoRA). Use lora, "
-                "leave this layer out of targets, or peftvision.quant.dequantize(model) first")
+        return (f"{method}: {name} is a {describe(module)}{because}. Of the methods that wrap or "
+                "train a layer's weight, only 'lora' (without DoRA, with init 'kaiming' or "
+                "'gaussian') runs on bitsandbytes layers (QLoRA). Use lora, leave this layer out "
+                "of targets, or peftvision.quant.dequantize(model) first")
     need = ("" if bnb_installed() else f"; bitsandbytes, which QLoRA needs, is not installed: {INSTALL}")
     return (f"{method}: {name} holds {describe(module)}{because}: peftvision adapts floating-point "
             f"layers, and bitsandbytes Linear8bitLt / Linear4bit layers with 'lora'{need}. Dequantize "

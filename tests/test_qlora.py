@@ -216,7 +216,7 @@ def test_merging_into_a_quantized_layer_is_refused_and_dequantize_makes_it_possi
 @pytest.mark.parametrize("options", [dict(use_dora=True), dict(init="pissa")], ids=["dora", "pissa"])
 def test_lora_variants_that_read_the_float_weight_are_refused_on_bitsandbytes(options):
     model = _qvit(4)
-    with pytest.raises(pv.UnsupportedArchitectureError, match=r"bitsandbytes Linear4bit.*Only 'lora'"):
+    with pytest.raises(pv.UnsupportedArchitectureError, match=r"bitsandbytes Linear4bit.*only 'lora'"):
         pv.apply(model, "lora", r=4, **options)
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
 

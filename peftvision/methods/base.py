@@ -60,6 +60,8 @@ class Method:
     placement_of: ClassVar[str] = ""  # share another method's default placements (e.g. "lora")
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # counts its papers print (registry.ReportedCount); read from the class itself, not inherited
+    reported: ClassVar[tuple] = ()
     test_facts: ClassVar[MethodFacts] = MethodFacts()
 
     def __post_init__(self) -> None:
@@ -141,12 +143,17 @@ class Method:
 
     @classmethod
     def info(cls):
+        from ..method_counts import COUNTS, MODELS, REPORTED
         from ..registry import MethodInfo
 
         families = tuple(name for name, arch in architectures().items() if cls.runs_on(arch))
         generic = (GENERIC,) if GENERIC in cls.architectures else ()
+        ours = dict(zip(MODELS, REPORTED.get(cls.name, ())))
+        reported = tuple(dataclasses.replace(r, ours=ours.get(r.model))
+                         for r in cls.__dict__.get("reported", ()))  # DoRA does not inherit LoRA's
+        counts = tuple(zip(MODELS, COUNTS[cls.name])) if cls.name in COUNTS else ()
         return MethodInfo(cls.name, cls.aliases, cls.kind, cls.mergeable, families + generic,
-                          cls.summary, cls.paper)
+                          cls.summary, cls.paper, counts, reported)
 
 
 def positive_int(method: str, field: str, value: Any) -> int:

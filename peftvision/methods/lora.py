@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdditiveDeltaLayer, like_kwargs
 from ..quant import compute_like
-from ..registry import register_method
+from ..registry import ReportedCount, register_method
 from ..targets import GENERIC, TargetSpec
 from .base import ApplyContext, Method, MethodFacts, number_in, positive_int
 
@@ -265,6 +265,10 @@ class LoRA(Method):
     summary: ClassVar[str] = "low-rank ΔW = (alpha/r)·B·A on Linear/Conv layers (ViT qkv by default)"
     paper: ClassVar[str] = "Hu et al., ICLR 2022"
     targets_hint: ClassVar[str] = "module names, a regex, or types such as nn.Linear"
+    reported: ClassVar = tuple(  # r=16 on q and v reproduces them (docs/benchmarks.md)
+        ReportedCount(model, figure, "Dutt et al., MIDL 2024, Table 6", (("r", 16), ("qkv_parts", "qv")))
+        for model, figure in (("vit_base_patch16_224", "0.6M"), ("vit_large_patch16_224", "1.5M"),
+                              ("vit_huge_patch14_224", "2.6M")))
     test_facts: ClassVar = MethodFacts(variants={"": {"r": 4}, "qv": {"r": 4, "qkv_parts": "qv"}},
                                        params_per_layer=lora_params)
 
