@@ -5,6 +5,7 @@ edit by hand (tests/test_method_counts.py recomputes them).
 """
 
 MODELS = ('resnet50', 'vit_base_patch16_224', 'vit_large_patch16_224', 'vit_huge_patch14_224')
+BASE_PARAMS = (25557032, 86567656, 304326632, 632045800)  # parameters of each model (1,000 classes), for percentages
 
 # method -> parameters on each of MODELS that the method adds or selects with its default options
 # (the classifier head left out, 1,000 classes); None: the method does not run on that model

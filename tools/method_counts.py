@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import peftvision as pv
-from benchmarks.param_counts import measure, needs_data
+from benchmarks.param_counts import build, measure, needs_data
 from peftvision.registry import PAPER_MODELS
 
 TARGET = Path(__file__).resolve().parents[1] / "peftvision" / "method_counts.py"
@@ -29,6 +29,7 @@ edit by hand (tests/test_method_counts.py recomputes them).
 """
 
 MODELS = {models!r}
+BASE_PARAMS = {base!r}  # parameters of each model (1,000 classes), for percentages
 
 # method -> parameters on each of MODELS that the method adds or selects with its default options
 # (the classifier head left out, 1,000 classes); None: the method does not run on that model
@@ -69,7 +70,8 @@ def _rows(table: dict[str, dict[str, int | None]]) -> str:
 def source() -> str:
     methods = list(pv.methods())
     counts, reported = default_counts(methods), reported_counts(methods)
-    return (HEADER.format(models=tuple(PAPER_MODELS))
+    base = tuple(sum(p.numel() for p in build(m, 1000, "meta").parameters()) for m in PAPER_MODELS)
+    return (HEADER.format(models=tuple(PAPER_MODELS), base=base)
             + f"COUNTS: dict[str, tuple[int | None, ...]] = {_rows(counts)}\n\n"
             "# method -> our count on each of MODELS with the options of the count its paper "
             "reports there\n# (Method.reported); None: no reported count on that model\n"
