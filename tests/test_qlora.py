@@ -253,3 +253,28 @@ def test_qlora_gives_peft_outputs_on_the_same_bitsandbytes_model(bits, tmp_path)
     mine = pv.load_adapter(model, tmp_path / "peft")
     assert isinstance(mine.blocks[0].attn.qkv, AdapterLayer)
     torch.testing.assert_close(_out(mine), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_a_qlora_adapter_saved_for_peft_gives_our_outputs_in_peft(bits, tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _qvit(bits)
+    theirs = copy.deepcopy(model)
+    pv.apply(model, "lora", r=4, alpha=8, targets=["qkv", "fc1"])
+    _perturb(model)
+    mine = _out(model)
+    pv.save_adapter(model, tmp_path / "a", format="peft")
+    setattr(theirs, f"is_loaded_in_{bits}bit", True)
+    theirs = peft.PeftModel.from_pretrained(theirs, tmp_path / "a")
+    kind = quant.bnb_kind(model.blocks[0].mlp.fc1.base_layer)
+    assert type(theirs.base_model.model.blocks[0].mlp.fc1).__name__ == kind  # peft's bnb LoRA layer
+    torch.testing.assert_close(_out(theirs), mine, rtol=1e-5, atol=1e-6)
+
+
+def test_disabled_qlora_adapters_give_the_quantized_model():
+    model = _qvit(4)
+    base = _out(model)
+    pv.apply(model, "lora", r=4)
+    _perturb(model)
+    with pv.disable_adapters(model):
+        torch.testing.assert_close(_out(model), base, rtol=0, atol=0)
