@@ -128,11 +128,21 @@ def dequantized_weight(layer: nn.Module) -> Tensor:
 
 
 def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[str, nn.Module]]:
-    from .layers import AdapterLayer
+    """The plain nn.Linear layers to quantize: not in `skip`, and not read by their parent's own
+    code as `child.weight` (timm's EVA runs F.linear(x, qkv.weight, ...), which a quantized
+    weight would break)."""
+    from .methods.base import _attributes_read
+    from .surgery import get_submodule_parent
 
     skip = set(skip)
-    return [(name, m) for name, m in model.named_modules()
-            if type(m) is nn.Linear and name not in skip and not isinstance(m, AdapterLayer)]
+    found = []
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear or name in skip:
+            continue
+        parent, child = get_submodule_parent(model, name)
+        if "weight" not in _attributes_read(type(parent)).get(child, ()):
+            found.append((name, m))
+    return found
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -151,6 +161,7 @@ def quantize(model: nn.Module, bits: int = 4, *, quant_type: str = "nf4",
     `quant_type` "nf4" or "fp4"), on the device the weights are on. In place; returns `model`.
 
     `skip`: module names kept in float; default the classifier head (QLoRA trains it in float).
+    Linears whose parent computes with their weight itself (timm EVA's qkv) stay float too.
     `cpu_bf16_repacking`: let bitsandbytes (0.50) repack 4-bit weights for its AVX512-BF16 CPU
     kernels at the first eval-mode forward. Off by default: its state_dict() unpacks them
     inexactly, so the outputs after any state_dict() call differed from those before (1.9e-3

@@ -278,3 +278,23 @@ def test_disabled_qlora_adapters_give_the_quantized_model():
     _perturb(model)
     with pv.disable_adapters(model):
         torch.testing.assert_close(_out(model), base, rtol=0, atol=0)
+
+
+def test_a_parent_that_computes_with_a_quantized_weight_is_refused_and_quantize_skips_it():
+    # timm's EVA attention runs F.linear(x, self.qkv.weight, qkv_bias): a quantized qkv would be
+    # used as raw uint8 / int8 weights
+    bnb = pytest.importorskip("bitsandbytes")
+    from models import zoo_inputs, zoo_model, zoo_run
+
+    model = quant.quantize(zoo_model("eva02"), 8)
+    qkv = model.blocks[0].attn.qkv
+    assert type(qkv) is nn.Linear and quant.bnb_kind(model.blocks[0].attn.proj) == "Linear8bitLt"
+    with torch.no_grad():  # the quantized EVA runs
+        assert zoo_run(model.eval(), zoo_inputs("eva02")).isfinite().all()
+    q8 = bnb.nn.Linear8bitLt(qkv.in_features, qkv.out_features, bias=qkv.bias is not None,
+                             has_fp16_weights=False, threshold=0.0)
+    q8.load_state_dict(qkv.state_dict())
+    model.blocks[0].attn.qkv = q8.to("cpu")
+    with pytest.raises(pv.UnsupportedArchitectureError, match=r"computes with qkv\.weight itself.*Linear8bitLt"):
+        pv.apply(model, "lora", r=4, targets=["blocks.0.attn.qkv"])
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())

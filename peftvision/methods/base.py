@@ -371,7 +371,13 @@ def _check_parent_access(method: Method, name: str, parent: nn.Module, child: st
     """Refuse a wrapper whose parent reads attributes of the wrapped child that the wrapper cannot
     give correctly (EVA reads qkv.weight: an additive ΔW gives W + ΔW; MaxViT calls
     rel_pos.get_bias(), which no wrapper can adapt): never a crash or a silently ignored adapter."""
-    missing = sorted(a for a in _attributes_read(type(parent)).get(child, ())
+    read = _attributes_read(type(parent)).get(child, ())
+    if "weight" in read and quant.is_quantized(layer.weighted_layer):  # F.linear(x, uint8 weight)
+        raise UnsupportedArchitectureError(
+            f"{method.name} cannot adapt {name}: its parent {type(parent).__name__} computes with "
+            f"{child}.weight itself, which is {quant.describe(layer.weighted_layer)}. Keep {name} "
+            "in float (peftvision.quant.quantize leaves such layers out), or leave it out of targets")
+    missing = sorted(a for a in read
                      if a != "forward" and not hasattr(type(layer), a)
                      and a not in layer._parameters and a not in layer._buffers and a not in layer._modules)
     if missing:
