@@ -54,14 +54,15 @@ def random_batch(model: torch.nn.Module, num_classes: int, size: int) -> list:
     return [(torch.randn(size, *shape, generator=g), torch.randint(0, num_classes, (size,), generator=g))]
 
 
-def count(model_name: str, method: str, num_classes: int, device: str, data_batch: int) -> dict:
-    """Apply `method` to a fresh model on `device`; the report's numbers as a dict."""
+def count(model_name: str, method: str, num_classes: int, device: str, data_batch: int,
+          options: dict | None = None) -> dict:
+    """Apply `method` (with `options`) to a fresh model on `device`; the report's numbers."""
     if needs_data(method):
         device = "cpu"  # gradients of real weights decide what is chosen
     model = build(model_name, num_classes, device)
     base = sum(p.numel() for p in model.parameters())
-    options = {"data": random_batch(model, num_classes, data_batch)} if needs_data(method) else {}
-    pv.apply(model, method, **options)
+    data = {"data": random_batch(model, num_classes, data_batch)} if needs_data(method) else {}
+    pv.apply(model, method, **data, **(options or {}))
     report = pv.report(model)
     head = report.by_method.get("head", 0)
     return {
@@ -75,21 +76,22 @@ def count(model_name: str, method: str, num_classes: int, device: str, data_batc
         "by_method": report.by_method,
         "by_module_type": report.by_module_type,
         "device": device,
-        **({"note": f"weights chosen from one batch of {data_batch} random images"} if options else {}),
+        **({"note": f"weights chosen from one batch of {data_batch} random images"} if data else {}),
     }
 
 
-def measure(model_name: str, method: str, num_classes: int, device: str, data_batch: int) -> dict:
+def measure(model_name: str, method: str, num_classes: int, device: str, data_batch: int,
+            options: dict | None = None) -> dict:
     """One cell: counts, or {"skipped": why}; falls back from meta to CPU on failure."""
     try:
-        return count(model_name, method, num_classes, device, data_batch)
+        return count(model_name, method, num_classes, device, data_batch, options)
     except pv.UnsupportedArchitectureError as exc:
         return {"skipped": str(exc)}
     except Exception as exc:  # noqa: BLE001 - any failure on meta tensors is worth a CPU retry
         failure = f"{type(exc).__name__}: {exc}"
         if device == "cpu" or needs_data(method):  # those already ran on CPU
             return {"error": failure}
-        cell = measure(model_name, method, num_classes, "cpu", data_batch)
+        cell = measure(model_name, method, num_classes, "cpu", data_batch, options)
         outcome = "failed on CPU too" if "error" in cell else "counted on CPU"
         cell["note"] = f"apply on the meta device failed ({failure}); {outcome}"
         return cell

@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 # public modules: Hub transfer of folders; the methods subpackage, which pv.methods() calls
-# to list the registered methods; progress bars
-from . import hub, methods, progress
+# to list the registered methods; progress bars; quantized (bitsandbytes) bases, imported lazily
+from . import hub, methods, progress, quant
 from .api import apply, config, merge, unload, unmerge
 from .checkpoint import load_adapter, save_adapter
 from .errors import (
@@ -33,5 +33,5 @@ __all__ = [
     "applied", "AppliedRecord", "MethodRecord", "create_model", "load_local_weights",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
     "UnsupportedArchitectureError", "MergeError", "NotAppliedError", "AdapterLoadError", "CorruptAdapterError",
-    "OfflineError", "progress", "hub",
+    "OfflineError", "progress", "hub", "quant",
 ]

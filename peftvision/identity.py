@@ -1,4 +1,5 @@
-"""Who a base model is: class, timm/diffusers name, and a fingerprint of parameter names and shapes."""
+"""Who a base model is: class, timm/diffusers name, and a fingerprint of parameter names and shapes
+(the shapes they stand for: a bitsandbytes 4-bit weight counts as its float (out, in))."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 
 from torch import nn
 
+from .quant import logical_shape
 from .state import iter_parameters
 
 
@@ -39,7 +41,8 @@ def hub_origin(model: nn.Module) -> tuple[str | None, str | None]:
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the user's parameter names and shapes (adapters excluded): equal for two
     instances of the same architecture, different when any layer differs."""
-    lines = sorted(f"{e.canonical}:{tuple(e.param.shape)}" for e in iter_parameters(model) if e.adapter is None)
+    lines = sorted(f"{e.canonical}:{tuple(logical_shape(e.param))}"  # a quantized base matches its float one
+                   for e in iter_parameters(model) if e.adapter is None)
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 

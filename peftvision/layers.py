@@ -161,6 +161,12 @@ class AdapterLayer(Adapter):
         if getattr(layer, "weight", None) is None:
             return (f"{label} into {type(layer).__name__} (the layer "
                     "has no weight to fold it into, e.g. a norm without affine)")
+        if not layer.weight.is_floating_point():  # bitsandbytes (QLoRA): see peftvision/quant.py
+            from .quant import describe
+
+            return (f"{label} into {describe(layer)}: W + ΔW would be re-quantized, rounding the "
+                    "adapter's update away; to merge into float weights, call "
+                    "peftvision.quant.dequantize(model) first")
         transform = weight_transform(layer)
         if transform:
             return f"{label} into {transform}"

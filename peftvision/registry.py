@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import UnknownMethodError, did_you_mean
 
@@ -46,9 +46,35 @@ def get_method(name: str) -> type[Method]:
     return _REGISTRY[key]
 
 
+# The models of the papers peftvision reproduces (Dutt et al.): timm name -> short label.
+PAPER_MODELS = {"resnet50": "ResNet-50", "vit_base_patch16_224": "ViT-B/16",
+                "vit_large_patch16_224": "ViT-L/16", "vit_huge_patch14_224": "ViT-H/14"}
+
+
+@dataclass(frozen=True)
+class ReportedCount:
+    """A trainable-parameter count a paper prints for a method on one model, and the peftvision
+    options of the paper's setting. Declared on the method class (`Method.reported`)."""
+
+    model: str  # timm name, a key of PAPER_MODELS
+    figure: str  # as printed, e.g. "0.6M"
+    source: str  # e.g. "Dutt et al., MIDL 2024, Table 6"
+    options: tuple[tuple[str, Any], ...] = ()  # (option, value) pairs; tuples stand for lists
+    ours: int | None = None  # our count with `options` (filled from peftvision/method_counts.py)
+
+    def options_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
+
+
 @dataclass(frozen=True)
 class MethodInfo:
-    """What one registered method is and what it supports."""
+    """What one registered method is and what it supports.
+
+    `counts`: (timm model, parameters) for the PAPER_MODELS: what the method adds or selects with
+    its default options on that model built with 1,000 classes, the head left out; None where
+    the method does not run on the model with its defaults. Empty for a method that chooses its
+    weights from data (SH-PEFT, SPT) or one registered after peftvision/method_counts.py was made.
+    `reported`: the counts its papers print, beside ours with the papers' options."""
 
     name: str
     aliases: tuple[str, ...]
@@ -57,6 +83,12 @@ class MethodInfo:
     architectures: tuple[str, ...]
     summary: str
     paper: str
+    counts: tuple[tuple[str, int | None], ...] = ()
+    reported: tuple[ReportedCount, ...] = ()
+
+    def count(self, model: str) -> int | None:
+        """Parameters on timm model `model` (a PAPER_MODELS key); None: not supported or unknown."""
+        return dict(self.counts).get(model)
 
     def __str__(self) -> str:
         merge = "merges" if self.mergeable else "no merge"

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from .quant import logical_numel
 from .record import applied
 from .state import iter_parameters
 
@@ -59,7 +60,7 @@ def report(model: nn.Module) -> Report:
         if id(entry.param) in seen:  # tied weights count once
             continue
         seen.add(id(entry.param))
-        n = entry.param.numel()
+        n = logical_numel(entry.param)  # a packed 4-bit weight counts its weights, not bytes
         total += n
         if not entry.param.requires_grad:
             continue

@@ -14,3 +14,17 @@ def test_bias_step_benchmark_tiny(tmp_path, capsys):
     variants = {(r["model"], r["variant"]) for r in rows}
     assert {v for _, v in variants} == {"frozen", "bias", "bias-naive", "lora"}
     assert all(r["median_step_s"] > 0 and r["ratio_vs_lora"] > 0 for r in rows)
+
+
+def test_qlora_benchmark_tiny(capsys):
+    import pytest
+
+    pytest.importorskip("bitsandbytes")
+    from benchmarks.perf import qlora
+
+    qlora.main(["--tiny", "--steps", "1"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert set(rows) == {"float32", "int8", "nf4"}
+    assert float(rows["float32"][3]) == 0.0  # drift of the float model against itself
+    assert float(rows["nf4"][2]) < float(rows["int8"][2]) < 1.0  # weight memory vs float
+    assert len({r[4] for r in rows.values()}) == 1  # LoRA trains the same count on every base

@@ -1,6 +1,7 @@
 """Generate docs/methods.md from the code: every registered method, what it trains, where, its
 paper, the architectures it supports, whether it merges, and its parameter counts on the paper
-models (counted on the meta device, so nothing is downloaded or allocated).
+models (peftvision/method_counts.py, made by `python -m tools.method_counts`) beside the counts
+its papers report.
 
     python -m tools.methods_page [--out docs/methods.md]
 """
@@ -12,11 +13,30 @@ import inspect
 from pathlib import Path
 
 import peftvision as pv
-from benchmarks.param_counts import human, measure, needs_data  # the counting the benchmarks use
+from benchmarks.param_counts import needs_data  # the rule tools/method_counts.py counts by
+from peftvision.method_counts import BASE_PARAMS, MODELS
+from peftvision.registry import PAPER_MODELS, MethodInfo
 
-MODELS = ["resnet50", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"]
-SHORT = {"resnet50": "ResNet-50", "vit_base_patch16_224": "ViT-B/16",
-         "vit_large_patch16_224": "ViT-L/16", "vit_huge_patch14_224": "ViT-H/14"}
+
+def human(n: int, base: int | None = None) -> str:
+    """e.g. 0.29M (0.34%), 26.6k (0.104%), 0 (0%); the percentage of `base` when given."""
+    if n == 0:
+        return "0 (0%)" if base else "0"
+    size = f"{n / 1e6:.2f}M" if n >= 100_000 else f"{n / 1e3:.1f}k" if n >= 1000 else str(n)
+    if not base:
+        return size
+    percent = 100.0 * n / base
+    return f"{size} ({percent:.2f}%)" if percent >= 0.1 else f"{size} ({percent:.3f}%)"
+
+
+def count_cell(info: MethodInfo, model: str) -> str:
+    """The table cell of `info` on `model`: a count, n/a (not supported) or data-chosen."""
+    if needs_data(info.name):
+        return "data-chosen"
+    if not info.counts:
+        return "not counted"  # registered after peftvision/method_counts.py was generated
+    n = info.count(model)
+    return "n/a" if n is None else human(n, dict(zip(MODELS, BASE_PARAMS)).get(model))
 
 
 def describe(name: str) -> str:
@@ -37,25 +57,28 @@ def describe(name: str) -> str:
     return "\n".join(lines)
 
 
-def counts_table(methods: list[str]) -> str:
-    header = ["| method | " + " | ".join(SHORT[m] for m in MODELS) + " |",
-              "| --- |" + " ---: |" * len(MODELS)]
-    rows = []
-    for method in methods:
-        cells = []
-        for model in MODELS:
-            if needs_data(method):
-                cells.append("data-chosen")
-                continue
-            cell = measure(model, method, 1000, "meta", 0)
-            cells.append(human(cell["method_params"], cell["method_percent_of_base"])
-                         if "trainable" in cell else "n/a")
-        rows.append(f"| `{method}` | " + " | ".join(cells) + " |")
+def counts_table(infos: list[MethodInfo]) -> str:
+    header = ["| method | " + " | ".join(PAPER_MODELS.values()) + " |",
+              "| --- |" + " ---: |" * len(PAPER_MODELS)]
+    rows = [f"| `{info.name}` | " + " | ".join(count_cell(info, m) for m in PAPER_MODELS) + " |"
+            for info in infos]
     return "\n".join(header + rows)
 
 
+def reported_table(infos: list[MethodInfo]) -> str:
+    rows = ["| method | model | paper reports | source | our options | ours |",
+            "| --- | --- | ---: | --- | --- | ---: |"]
+    for info in infos:
+        for r in info.reported:
+            options = ", ".join(f"{k}={v!r}" for k, v in r.options_dict().items())
+            ours = "not counted" if r.ours is None else human(r.ours)
+            rows.append(f"| `{info.name}` | {PAPER_MODELS[r.model]} | {r.figure} | {r.source} | "
+                        f"{options or 'defaults'} | {ours} |")
+    return "\n".join(rows)
+
+
 def page() -> str:
-    methods = list(pv.methods())
+    infos = list(pv.methods().values())
     return "\n".join([
         "# Methods",
         "",
@@ -63,14 +86,25 @@ def page() -> str:
         "",
         "## Trainable parameters on the paper models",
         "",
-        "Parameters each method adds or selects with its default options (the classifier head, "
-        "which trains too, is left out; % of the base model). n/a: the method does not support "
-        "the architecture. `shpeft` trains exactly its budget (default 1% of the backbone); "
-        "`spt`'s count depends on the data it is given.",
+        "Parameters each method adds or selects with its default options, as `pv.methods()` "
+        "reports them (`MethodInfo.counts`): timm models built with `pretrained=False` and 1,000 "
+        "classes on the meta device, the classifier head (which trains too) left out; % of the "
+        "base model. n/a: the method does not run on the model with its defaults. `shpeft` "
+        "trains exactly its budget (default 1% of the backbone); `spt`'s count depends on the "
+        "data it is given.",
         "",
-        counts_table(methods),
+        counts_table(infos),
         "",
-        *(describe(m) for m in methods),
+        "## Counts the papers report",
+        "",
+        "Where a paper prints a method's trainable parameters on these models, with the options "
+        "that reproduce its setting and our count with them (`MethodInfo.reported`). Only "
+        "figures confirmed in the papers' text are listed (docs/benchmarks.md); the others are "
+        "left out rather than guessed.",
+        "",
+        reported_table(infos),
+        "",
+        *(describe(info.name) for info in infos),
     ])
 
 

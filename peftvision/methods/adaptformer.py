@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..layers import AdapterLayer, like_kwargs
-from ..registry import register_method
+from ..registry import ReportedCount, register_method
 from ..targets import _loaded_class
 from .base import ApplyContext, Method, MethodFacts, number_in, positive_int
 from .vision_blocks import refuse_second_block_runner
@@ -115,6 +115,10 @@ class AdaptFormer(Method):
     placed_where: ClassVar[str] = "AdaptFormer sits beside the MLPs of transformer blocks"
     summary: ClassVar[str] = "bottleneck branch s·up(ReLU(down(x))) parallel to each ViT MLP"
     paper: ClassVar[str] = "Chen et al., NeurIPS 2022"
+    reported: ClassVar = tuple(  # bottleneck 5 reproduces them (docs/benchmarks.md)
+        ReportedCount(model, figure, "Dutt et al., MIDL 2024, Table 6", (("bottleneck", 5),))
+        for model, figure in (("vit_base_patch16_224", "0.1M"), ("vit_large_patch16_224", "0.3M"),
+                              ("vit_huge_patch14_224", "0.5M")))
     test_facts: ClassVar = MethodFacts(params_per_layer=lambda cfg, layer: adaptformer_params(cfg, layer))
 
     def validate(self) -> None:

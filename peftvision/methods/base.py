@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
+from .. import quant
 from ..architectures import GENERIC, Architecture, architectures, get_architecture
 from ..errors import ConfigError, UnsupportedArchitectureError, did_you_mean
 from ..layers import Adapter, AdapterLayer
@@ -60,6 +60,8 @@ class Method:
     placement_of: ClassVar[str] = ""  # share another method's default placements (e.g. "lora")
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
+    # counts its papers print (registry.ReportedCount); read from the class itself, not inherited
+    reported: ClassVar[tuple] = ()
     test_facts: ClassVar[MethodFacts] = MethodFacts()
 
     def __post_init__(self) -> None:
@@ -120,6 +122,10 @@ class Method:
         targets = getattr(self, "targets", None)
         return targets if targets is not None else self.default_targets(ctx)
 
+    def quantized_refusal(self) -> str:
+        """Why this config cannot wrap a bitsandbytes (quantized) layer, or '' when it can."""
+        return f"{self.name} computes with the layer's weight, which is quantized"
+
     def remove_from(self, model: nn.Module) -> None:
         """Undo changes other than wrappers and selections (inserted modules); called by unload."""
 
@@ -137,12 +143,17 @@ class Method:
 
     @classmethod
     def info(cls):
+        from ..method_counts import COUNTS, MODELS, REPORTED
         from ..registry import MethodInfo
 
         families = tuple(name for name, arch in architectures().items() if cls.runs_on(arch))
         generic = (GENERIC,) if GENERIC in cls.architectures else ()
+        ours = dict(zip(MODELS, REPORTED.get(cls.name, ())))
+        reported = tuple(dataclasses.replace(r, ours=ours.get(r.model))
+                         for r in cls.__dict__.get("reported", ()))  # DoRA does not inherit LoRA's
+        counts = tuple(zip(MODELS, COUNTS[cls.name])) if cls.name in COUNTS else ()
         return MethodInfo(cls.name, cls.aliases, cls.kind, cls.mergeable, families + generic,
-                          cls.summary, cls.paper)
+                          cls.summary, cls.paper, counts, reported)
 
 
 def positive_int(method: str, field: str, value: Any) -> int:
@@ -274,6 +285,11 @@ class ApplyContext:
         """Make these existing (canonical name, parameter) pairs trainable for `method`."""
         count = 0
         for canonical, param in params:
+            if not param.is_floating_point():  # requires_grad_ would be a raw torch error
+                module = get_module(self.model, canonical.rpartition(".")[0]) if "." in canonical else self.model
+                raise UnsupportedArchitectureError(quant.refusal(
+                    method.name, canonical, _unwrapped(module),
+                    f"{canonical} is {param.dtype}, which cannot train"))
             self.state.keep(canonical, param)  # before training changes it (unload restores it)
             param.requires_grad_(True)
             if canonical not in self.state.selected:  # selected by two methods: counted once
@@ -318,11 +334,14 @@ def _unwrapped(module: nn.Module) -> nn.Module:
 
 
 def _check_float_weights(method: Method, name: str, module: nn.Module) -> None:
-    weight = getattr(_unwrapped(module), "weight", None)
-    if isinstance(weight, torch.Tensor) and not weight.is_floating_point():
-        raise UnsupportedArchitectureError(
-            f"{method.name}: {name} holds {weight.dtype} (integer or quantized) weights; peftvision adapts "
-            "floating-point layers only. Dequantize the model first, or leave this layer out of targets")
+    """Refuse to wrap a layer with integer / quantized weights unless it is a bitsandbytes layer
+    and the method can run on it (QLoRA): never a raw torch error later on an int8 tensor."""
+    layer = _unwrapped(module)
+    if not quant.is_quantized(layer):
+        return
+    why = method.quantized_refusal() if quant.bnb_kind(layer) else "integer or quantized weights"
+    if why:
+        raise UnsupportedArchitectureError(quant.refusal(method.name, name, layer, why))
 
 
 _PARENT_READS = re.compile(r"self\.(\w+)\.(\w+)")
@@ -352,7 +371,13 @@ def _check_parent_access(method: Method, name: str, parent: nn.Module, child: st
     """Refuse a wrapper whose parent reads attributes of the wrapped child that the wrapper cannot
     give correctly (EVA reads qkv.weight: an additive ΔW gives W + ΔW; MaxViT calls
     rel_pos.get_bias(), which no wrapper can adapt): never a crash or a silently ignored adapter."""
-    missing = sorted(a for a in _attributes_read(type(parent)).get(child, ())
+    read = _attributes_read(type(parent)).get(child, ())
+    if "weight" in read and quant.is_quantized(layer.weighted_layer):  # F.linear(x, uint8 weight)
+        raise UnsupportedArchitectureError(
+            f"{method.name} cannot adapt {name}: its parent {type(parent).__name__} computes with "
+            f"{child}.weight itself, which is {quant.describe(layer.weighted_layer)}. Keep {name} "
+            "in float (peftvision.quant.quantize leaves such layers out), or leave it out of targets")
+    missing = sorted(a for a in read
                      if a != "forward" and not hasattr(type(layer), a)
                      and a not in layer._parameters and a not in layer._buffers and a not in layer._modules)
     if missing:

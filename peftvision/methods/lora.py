@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedArchitectureError
 from ..layers import AdditiveDeltaLayer, like_kwargs
-from ..registry import register_method
+from ..quant import compute_like
+from ..registry import ReportedCount, register_method
 from ..targets import GENERIC, TargetSpec
 from .base import ApplyContext, Method, MethodFacts, number_in, positive_int
 
@@ -90,7 +91,7 @@ class LoRALinear(LoRALayer):
                  rslora: bool = False) -> None:
         super().__init__(base_layer, r, alpha, dropout, rslora)
         base_layer = self.weighted_layer
-        kw = like_kwargs(base_layer.weight)
+        kw = like_kwargs(compute_like(base_layer))  # float even on a quantized (QLoRA) base
         self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -133,7 +134,7 @@ class LoRAFusedLinear(LoRALayer):
             raise ConfigError(f"fused qkv needs out_features divisible by 3, got {base_layer.out_features}")
         self.slots = [QKV.index(p) for p in parts]  # which thirds are adapted, in q, k, v order
         self.width = base_layer.out_features // len(QKV)
-        kw = like_kwargs(base_layer.weight)
+        kw = like_kwargs(compute_like(base_layer))  # float even on a quantized (QLoRA) base
         n = len(self.slots)
         self.lora_A = nn.Parameter(torch.empty(n, r, base_layer.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(n, self.width, r, **kw))
@@ -264,6 +265,10 @@ class LoRA(Method):
     summary: ClassVar[str] = "low-rank ΔW = (alpha/r)·B·A on Linear/Conv layers (ViT qkv by default)"
     paper: ClassVar[str] = "Hu et al., ICLR 2022"
     targets_hint: ClassVar[str] = "module names, a regex, or types such as nn.Linear"
+    reported: ClassVar = tuple(  # r=16 on q and v reproduces them (docs/benchmarks.md)
+        ReportedCount(model, figure, "Dutt et al., MIDL 2024, Table 6", (("r", 16), ("qkv_parts", "qv")))
+        for model, figure in (("vit_base_patch16_224", "0.6M"), ("vit_large_patch16_224", "1.5M"),
+                              ("vit_huge_patch14_224", "2.6M")))
     test_facts: ClassVar = MethodFacts(variants={"": {"r": 4}, "qv": {"r": 4, "qkv_parts": "qv"}},
                                        params_per_layer=lora_params)
 
@@ -287,6 +292,15 @@ class LoRA(Method):
         if self.use_dora and self.qkv_slices() not in (None, QKV):
             raise ConfigError(f"{self.name}: DoRA normalises whole output rows; it cannot adapt only "
                               f"qkv_parts={self.qkv_parts!r}. Leave qkv_parts unset")
+
+    def quantized_refusal(self) -> str:
+        """QLoRA: the branch needs only the base layer's output, so plain LoRA runs on a
+        bitsandbytes layer; DoRA and PiSSA / OLoRA read the float weight itself."""
+        if self.use_dora:
+            return "DoRA normalises the rows of W0 + ΔW, which needs the float weight"
+        if self.init in ("pissa", "olora"):
+            return f"init={self.init!r} decomposes the float weight"
+        return ""
 
     def qkv_slices(self) -> str | None:
         """qkv_parts in q, k, v order ("V,q" -> "qv"), None when not given."""

@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import nn
 
 from ..errors import TargetError, UnsupportedArchitectureError
-from ..registry import register_method
+from ..registry import ReportedCount, register_method
 from ..targets import NORM_TYPES, TargetSpec
 from .base import ApplyContext, Method, parameters_under
 
@@ -155,6 +155,8 @@ class Attention(SelectiveMethod):
     placed: ClassVar[bool] = True  # the attention modules of each family (families.py)
     summary: ClassVar[str] = "attention tuning: ViT `attn` modules, UNet `attentions` blocks"
     targets_hint: ClassVar[str] = "names of its attention modules"
+    reported: ClassVar = (ReportedCount("vit_base_patch16_224", "28.5M", "Dutt et al., MIDL 2024, appendix",
+                                        (("extra_params", ("pos_embed",)),)),)  # `.attn.` + pos_embed
 
     def default_targets(self, ctx):  # the presets, not SelectiveMethod's module types
         return Method.default_targets(self, ctx)
