@@ -76,12 +76,13 @@ def weight_transform(layer: nn.Module) -> str:
 
 
 class AdapterLayer(Adapter):
-    """Wraps `base_layer`; `forward` adds the adapter's effect unless it is merged.
+    """Wraps `base_layer`; `forward` adds the adapter's effect.
 
     Each layer belongs to one named adapter (`adapter_name`). While that adapter is not active
-    (peftvision.set_adapter / disable_adapters) the layer is its base layer: every subclass's
-    `forward` is wrapped once, at class creation, by `_gate`, so a subclass writes only the
-    adapted forward. `route` is set only inside peftvision.adapter_per_sample (peftvision.named)."""
+    (peftvision.set_adapter / disable_adapters), or once it is merged into the base weights, the
+    layer is its base layer: every subclass's `forward` is wrapped once, at class creation, by
+    `_gate`, so a subclass writes only the adapted, unmerged forward. `route` is set only inside
+    peftvision.adapter_per_sample (peftvision.named)."""
 
     active: bool = True
     route = None  # per-sample routing of the batch, or None (see peftvision.named)
@@ -213,11 +214,12 @@ class AdapterLayer(Adapter):
 
 
 def _gate(forward):
-    """An inactive layer runs its base layer alone; a routed one splits the batch by adapter."""
+    """An inactive or merged layer runs its base layer alone (merged: the base weights hold the
+    adapter); a routed one splits the batch by adapter."""
 
     @functools.wraps(forward)
     def gated(self: AdapterLayer, *args, **kwargs):
-        if not self.active:
+        if self.merged or not self.active:
             return self.base_layer(*args, **kwargs)
         if self.route is not None:
             return self.route(self, forward, args, kwargs)
@@ -291,8 +293,6 @@ class DenseDeltaLayer(AdditiveDeltaLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        if self.merged:
-            return out
         layer = self.weighted_layer
         delta = self.delta_weight().to(x.dtype)  # the base weight's shape, in the activations' dtype
         if isinstance(layer, nn.Linear):

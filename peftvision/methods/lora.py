@@ -97,8 +97,6 @@ class LoRALinear(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., out)
-        if self.merged:
-            return out
         return out + self.branch(x, self._drop(x))
 
     def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:
@@ -148,8 +146,6 @@ class LoRAFusedLinear(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., 3D)
-        if self.merged:
-            return out
         low = F.linear(self._drop(x), rearrange(self.lora_A, "n r i -> (n r) i").to(x.dtype))  # (..., n*r)
         low = rearrange(low, "... (n r) -> ... n r", n=len(self.slots))  # (..., n, r)
         delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B.to(low.dtype)) * self.scaling  # (..., n, D)
@@ -199,8 +195,6 @@ class LoRAConv(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (B, out, *spatial')
-        if self.merged:
-            return out
         return out + self.branch(x, self._drop(x))
 
     def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:

@@ -82,8 +82,6 @@ class OFTLayer(AdapterLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         layer = self.weighted_layer
-        if self.merged:
-            return self.base_layer(x)
         rot = self.rotation()  # (blocks, b, b), float32 or wider
         weight = self._rotate(layer.weight.to(rot.dtype), rot).to(x.dtype)  # (out, in/g, *k)
         if weight_transform(layer):  # e.g. timm's StdConv2d: its own forward on the rotated weight

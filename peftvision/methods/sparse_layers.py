@@ -190,8 +190,6 @@ class SparseDeltaLayer(AdapterLayer):
 
     def forward(self, *args, **kwargs):
         layer = self.base_layer
-        if self.merged:
-            return layer(*args, **kwargs)
         kind = "" if isinstance(layer, AdapterLayer) else _fast_kind(layer)
         if kind and "weight" in self.names and len(args) == 1 and not kwargs:
             bias = self.effective("bias") if "bias" in self.names else layer.bias

@@ -131,8 +131,6 @@ class SpectralShift(AdditiveDeltaLayer):
         return ((self.svd_u * self._shift()) @ self.svd_vh).view(self.weighted_layer.weight.shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
         layer = self.weighted_layer
         direct = self.plain_base and type(layer).forward in _PLAIN_FORWARDS
         if self.svd_s is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
