@@ -111,7 +111,6 @@ class DiffFit(Method):
     paper: ClassVar[str] = "Xie et al., ICCV 2023"
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         block_classes = tuple(c for c in (_loaded_class(*spec) for spec in BLOCKS) if c is not None)
         if not block_classes or not any(isinstance(m, block_classes) for m in ctx.model.modules()):
             raise UnsupportedArchitectureError(

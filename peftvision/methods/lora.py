@@ -297,7 +297,6 @@ class LoRA(Method):
         return LoRALinear, LoRAConv
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         alpha = float(self.alpha if self.alpha is not None else self.r)
         opts = dict(dropout=self.dropout, rslora=self.use_rslora)

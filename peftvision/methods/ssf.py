@@ -127,7 +127,6 @@ class SSF(Method):
         number_in(self.name, "init_std", self.init_std, 0, 1)
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         for name, _module in ctx.find(self, spec, allowed=SSF_LAYERS):
             ctx.wrap(self, name, lambda m: SSFLayer(m, self.init_std))

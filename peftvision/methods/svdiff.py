@@ -217,7 +217,6 @@ class SVDiff(Method):
         return list(SVDIFF_LAYERS)  # every weight the reference shifts (BatchNorms excepted: below)
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         # BatchNorm is not offered: its train-mode statistics make w + δ need BN's own forward
         # a norm without affine has nothing to shift; timm's channel-first LayerNorm2d and its

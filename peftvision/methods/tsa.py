@@ -104,7 +104,6 @@ class TSA(Method):
                                              else layer.weighted_layer.out_channels * layer.weighted_layer.in_channels))
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         for name, _conv in ctx.find(self, self.target_spec(ctx), allowed=(nn.Conv2d,)):
             ctx.wrap(self, name, TSAConv)
         if self.alignment:
