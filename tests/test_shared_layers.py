@@ -14,7 +14,7 @@ import peftvision as pv
 from peftvision import registry
 from peftvision.affine import ChannelAffineLayer
 from peftvision.errors import MergeError
-from peftvision.layers import AdditiveDeltaLayer
+from peftvision.layers import AdapterLayer, AdditiveDeltaLayer
 from peftvision.methods.base import ApplyContext, Method
 from peftvision.methods.difffit import ChannelScale
 from peftvision.methods.ia3 import IA3Layer
@@ -148,3 +148,29 @@ def test_the_framework_refuses_a_family_a_method_was_not_written_for(vit_only_me
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     vit = pv.apply(tiny_vit(), vit_only_method)
     assert any(isinstance(m, _DoubleCounting) for m in vit.modules())
+
+
+class _Scale(nn.Module):  # holds neither weight nor bias (as timm's LayerScale)
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(_rand(6, seed=4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+def test_sparse_deltas_merge_through_the_shared_merge_and_unmerge_bitwise():
+    from peftvision.methods.sparse_layers import SparseDeltaLayer
+
+    base = _Scale()
+    g0 = base.gamma.detach().clone()
+    layer = SparseDeltaLayer(base, {"gamma": torch.tensor([1, 4])})
+    with torch.no_grad():
+        layer.values_gamma.copy_(torch.tensor([0.5, -0.25]))
+    x = _rand(3, 6, seed=5)
+    adapted = layer(x)
+    assert type(layer).merge is AdapterLayer.merge and type(layer).unmerge is AdapterLayer.unmerge  # shared
+    layer.merge()
+    assert torch.equal(layer(x), adapted)  # W[i] + v written as the forward computes it
+    layer.unmerge()
+    assert torch.equal(base.gamma, g0)
