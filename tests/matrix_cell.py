@@ -86,10 +86,26 @@ def perturb(model: nn.Module) -> None:
 
 
 def refusal_reason(error: Exception) -> str:
-    """The why of an UnsupportedArchitectureError, without the model and family it names."""
+    """The why of an UnsupportedArchitectureError, without the model, family and module names it
+    shows the user (so one reason reads the same on every family it applies to)."""
     text = str(error)
-    found = re.search(r"\(architecture '[^']*'\)[:\s]*\(?(.*?)\)?; it supports", text)
-    return (found.group(1) if found else text).strip() or "no placement on this family"
+    found = re.search(r"\(architecture '[^']*'\)[:\s]*(.*?); it supports", text, re.S)
+    why = (found.group(1) if found else text).strip()
+    if why.startswith("with no targets ("):  # "(why). Pass targets=[...]; modules include: ..."
+        why = _parenthesised(why.removeprefix("with no targets ("))
+    elif why.startswith("(") and why.endswith(")"):
+        why = why[1:-1]
+    return why or "no placement on this family"
+
+
+def _parenthesised(text: str) -> str:
+    """`text` up to the ")" closing a "(" just before it."""
+    depth = 0
+    for i, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return text[:i]
+    return text
 
 
 def check_cell(family: str, label: str, cls, options: dict, tmp_path: Path) -> tuple[str, str]:

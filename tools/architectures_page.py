@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 INTRO = """# Architectures
@@ -59,6 +60,13 @@ exactly. Data-chosen methods (`shpeft`, `spt`) choose from one batch of the fami
 """
 
 
+def _merge_reason(note: str) -> str:
+    """A MergeError's why, without the method it names and the advice every one of them gives."""
+    why = re.sub(r"^refused: merge: cannot merge \S+ (into )?", "", note)
+    why = why.split(". Keep the adapters unmerged")[0]
+    return why[1:-1] if why.startswith("(") and why.endswith(")") else why
+
+
 def _matrix(results: dict) -> str:
     methods, cells, counts = results["methods"], results["cells"], results["counts"]
     reasons: dict[str, int] = {}
@@ -73,7 +81,7 @@ def _matrix(results: dict) -> str:
         if cell["status"] != "pass":
             return cell["status"].upper()
         if cell["merge"].startswith("refused"):
-            merge_notes.setdefault(cell["merge"].removeprefix("refused: "), []).append(f"{family} x {method}")
+            merge_notes.setdefault(_merge_reason(cell["merge"]), []).append(f"{family} x {method}")
             return "✓m"
         return "✓"
 
