@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 # to list the registered methods; progress bars; quantized (bitsandbytes) bases, imported lazily
 from . import hub, methods, progress, quant
 from .api import apply, config, merge, unload, unmerge
-from .checkpoint import load_adapter, save_adapter
+from .checkpoint import save_adapter
 from .errors import (
                      AdapterLoadError,
                      ConfigError,
@@ -19,6 +19,7 @@ from .errors import (
                      UnknownMethodError,
                      UnsupportedArchitectureError,
 )
+from .loading import load_adapter
 from .named import active_adapters, adapters, delete_adapter, disable_adapters, set_adapter
 from .record import AppliedRecord, MethodRecord, applied
 from .registry import get_method, register_method

@@ -1,4 +1,6 @@
-"""Per-channel affine y = γ ⊙ x (+ β) along an explicit channel axis, for SSF, DiffFit's scales...
+"""Per-channel affine y = γ ⊙ x (+ β) along an explicit channel axis: the `affine` function and
+`ChannelAffineLayer`, the one adapter layer of SSF, DiffFit's scales and IA3 (forward, merge into
+the wrapped layer's rows or columns, exact unmerge and the half-precision overflow check).
 
 Autograd's `x * γ + β` keeps x for γ's gradient Σ dy ⊙ x. Here the output y is kept instead and
 x = (y − β) / γ is rebuilt in backward: y is the input of the next layer (Linear, attention,
@@ -14,7 +16,9 @@ Under torch.compile the plain expression is traced and inductor plans what to ke
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from .layers import AdapterLayer, scale_inverse_is_exact, scaled_rows_overflow
 
 
 def _per_channel(v: Tensor, ndim: int, dim: int) -> Tensor:
@@ -76,3 +80,78 @@ def affine(x: Tensor, scale: Tensor, shift: Tensor | None = None, dim: int = -1)
         g = _per_channel(scale, x.dim(), dim)
         return x * g if shift is None else torch.addcmul(_per_channel(shift, x.dim(), dim), x, g)
     return _Affine.apply(x, scale, shift, dim)
+
+
+class ChannelAffineLayer(AdapterLayer):
+    """y = γ ⊙ layer(x) (+ β) on the wrapped layer's output channels, or y = layer(γ ⊙ x) on its
+    input channels (`on_input`), along the activations' channel axis `channel_dim` (1: NCHW,
+    -1: channel-last). Subclasses own the parameters (their names are checkpoint keys) and give
+    them, over all the channels, through `affine_params`.
+
+    Merge folds γ into the layer that `merge_layer` names: its rows (W' = diag(γ)·W,
+    b' = γ ⊙ b + β) or, on the input, its columns (W' = W·diag(γ), b unchanged). Unmerge divides
+    by γ, within rounding; a γ with a zero or tiny entry makes merge keep the exact weight
+    instead (layers.py), so unmerge never divides by zero."""
+
+    channel_dim: int = -1
+    on_input: bool = False
+
+    def affine_params(self) -> tuple[Tensor, Tensor | None]:
+        """(γ, β or None), each (C,) over every channel of the side being scaled."""
+        raise NotImplementedError
+
+    def apply_affine(self, t: Tensor) -> Tensor:
+        """γ ⊙ t + β in t's dtype (an fp32 adapter beside a half base computes in the base's)."""
+        scale, shift = self.affine_params()
+        return affine(t, scale.to(t.dtype), None if shift is None else shift.to(t.dtype), self.channel_dim)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.on_input:
+            return self.base_layer(self.apply_affine(x), *args, **kwargs)
+        return self.apply_affine(self.base_layer(x, *args, **kwargs))
+
+    def needs_bias_to_merge(self) -> bool:
+        return not self.on_input and self.affine_params()[1] is not None  # β needs a bias to go to
+
+    def needs_stash(self) -> bool:  # dividing by a zero or tiny γ would not give W back
+        return self.stash_on_merge or not scale_inverse_is_exact(self.affine_params()[0],
+                                                                 self.merge_layer.weight.dtype)
+
+    def _weight_axis(self, weight: Tensor) -> int:
+        """The axis of `weight` that γ scales: columns (1) on the input; else rows, the last axis
+        of a norm's weight (a LayerNorm's normalized_shape) and the first of a Linear/Conv's."""
+        if self.on_input:
+            return 1
+        return -1 if isinstance(self.merge_layer, nn.LayerNorm) or weight.dim() == 1 else 0
+
+    def merge_blocker(self) -> str:
+        blocker = super().merge_blocker()
+        if blocker:
+            return blocker
+        layer, label = self.merge_layer, self.method_name or type(self).__name__
+        if self.on_input and getattr(layer, "groups", 1) != 1:
+            return f"{label} on the input of a grouped {type(layer).__name__}"
+        weight, axis = layer.weight, self._weight_axis(layer.weight)
+        rows = weight.movedim(axis, 0) if axis > 0 else weight  # γ's axis first (a view)
+        if scaled_rows_overflow(rows, self.affine_params()[0], rows_first=axis >= 0):
+            return f"{label} into {type(layer).__name__} (γ·W overflows {weight.dtype})"
+        return ""
+
+    def merge_into(self, weight: Tensor, bias: Tensor | None) -> None:
+        # in place, the products taken in the wider dtype and rounded once into W's
+        scale, shift = self.affine_params()
+        weight.mul_(_per_channel(scale, weight.dim(), self._weight_axis(weight)))
+        if self.on_input or bias is None:
+            return
+        bias.mul_(scale)
+        if shift is not None:
+            bias.add_(shift)
+
+    def unmerge_from(self, weight: Tensor, bias: Tensor | None) -> None:
+        scale, shift = self.affine_params()
+        weight.div_(_per_channel(scale, weight.dim(), self._weight_axis(weight)))
+        if self.on_input or bias is None:
+            return
+        if shift is not None:
+            bias.sub_(shift)
+        bias.div_(scale)

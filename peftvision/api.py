@@ -201,6 +201,7 @@ def apply(model: ModelT, method: MethodSpec | Sequence[MethodSpec], *, adapter_n
         ctx = ApplyContext(model, state, journal, heads)
         with adapter_dtype_scope(adapter_dtype):
             for m in methods:
+                ctx.require_architecture(m)  # once here, so no method checks its family itself
                 m.apply_to(ctx)
                 state.methods.append(ctx.recorded.get(m.name, m))
         if train_head:

@@ -1,6 +1,6 @@
 """Hugging Face Hub transfer of adapter folders. huggingface_hub is imported lazily, only when
 the Hub is used. This module moves folders and knows nothing of models (sharing.py saves then
-pushes; checkpoint.py downloads then loads), so nothing imports in a cycle.
+pushes; loading.py downloads then loads), so nothing imports in a cycle.
 
 push = one `upload_folder` commit of a saved adapter folder (with its model card);
 pull = `snapshot_download` of the adapter files (cache, token and HF_HUB_OFFLINE respected).

@@ -8,10 +8,14 @@ What unmerge restores (the one exact-unmerge mechanism, used by every method):
 - a layer whose inverse is exact up to rounding (W + ΔW − ΔW, or (γ·W)/γ with γ not tiny) runs
   the inverse in place: the weight comes back within one rounding of the merged values
   (|error| ≤ eps·|merged value| + the dtype's smallest normal number);
-- a layer whose inverse does not exist or is not exact in the layer's dtype (SSF / DiffFit with a
-  zero or tiny scale γ, TSA's alignment β, which needs a matrix inverse) or that promises a
+- a layer whose inverse does not exist or is not exact in the layer's dtype (SSF / DiffFit / IA3
+  with a zero or tiny scale γ, TSA's alignment β, which needs a matrix inverse) or that promises a
   bitwise unmerge (SV-Diff, SPT's LoRA) keeps a copy of the layer's weight and bias while merged
-  (`needs_stash`), and unmerge writes that copy back bit for bit.
+  (`needs_stash`), and unmerge writes that copy back bit for bit;
+- a layer that changes only a few entries (SH-PEFT / SPT sparse deltas) keeps just those in its
+  `merge_into` and writes them back in `unmerge_from`: bitwise, at k values per tensor.
+Only `merge_into` / `unmerge_from` / `needs_stash` differ per method; `merge` and `unmerge` are
+this file's, and a merged layer's forward is its base layer's (`_gate`).
 """
 
 from __future__ import annotations
@@ -76,12 +80,13 @@ def weight_transform(layer: nn.Module) -> str:
 
 
 class AdapterLayer(Adapter):
-    """Wraps `base_layer`; `forward` adds the adapter's effect unless it is merged.
+    """Wraps `base_layer`; `forward` adds the adapter's effect.
 
     Each layer belongs to one named adapter (`adapter_name`). While that adapter is not active
-    (peftvision.set_adapter / disable_adapters) the layer is its base layer: every subclass's
-    `forward` is wrapped once, at class creation, by `_gate`, so a subclass writes only the
-    adapted forward. `route` is set only inside peftvision.adapter_per_sample (peftvision.named)."""
+    (peftvision.set_adapter / disable_adapters), or once it is merged into the base weights, the
+    layer is its base layer: every subclass's `forward` is wrapped once, at class creation, by
+    `_gate`, so a subclass writes only the adapted, unmerged forward. `route` is set only inside
+    peftvision.adapter_per_sample (peftvision.named)."""
 
     active: bool = True
     route = None  # per-sample routing of the batch, or None (see peftvision.named)
@@ -180,7 +185,7 @@ class AdapterLayer(Adapter):
         if blocker:
             raise MergeError(f"cannot merge {blocker}")
         layer = self.merge_layer
-        bias = layer.bias
+        bias = getattr(layer, "bias", None)  # a layer may hold other tensors only (LayerScale's gamma)
         if self.needs_stash():  # the exact pre-merge values, restored by unmerge
             self.register_buffer("_stash_weight", layer.weight.detach().clone(), persistent=False)
             self.register_buffer("_stash_bias", None if bias is None else bias.detach().clone(),
@@ -189,7 +194,7 @@ class AdapterLayer(Adapter):
         if created_bias:  # a LayerNorm's bias has its weight's shape; others one value per output
             shape = layer.weight.shape if isinstance(layer, nn.LayerNorm) else layer.weight.shape[:1]
             layer.bias = nn.Parameter(layer.weight.new_zeros(shape), requires_grad=False)
-        self.merge_into(layer.weight, layer.bias)
+        self.merge_into(getattr(layer, "weight", None), getattr(layer, "bias", None))
         self._created_bias = created_bias
         self.merged = True
 
@@ -205,7 +210,7 @@ class AdapterLayer(Adapter):
                 layer.bias.copy_(self._stash_bias)
             self._stash_weight = self._stash_bias = None  # free the copies
         else:
-            self.unmerge_from(layer.weight, layer.bias)
+            self.unmerge_from(getattr(layer, "weight", None), getattr(layer, "bias", None))
         if getattr(self, "_created_bias", False):
             layer.bias = None  # the base layer had no bias before merge
         self.merged = False
@@ -219,11 +224,12 @@ class AdapterLayer(Adapter):
 
 
 def _gate(forward):
-    """An inactive layer runs its base layer alone; a routed one splits the batch by adapter."""
+    """An inactive or merged layer runs its base layer alone (merged: the base weights hold the
+    adapter); a routed one splits the batch by adapter."""
 
     @functools.wraps(forward)
     def gated(self: AdapterLayer, *args, **kwargs):
-        if not self.active:
+        if self.merged or not self.active:
             return self.base_layer(*args, **kwargs)
         if self.route is not None:
             return self.route(self, forward, args, kwargs)
@@ -297,8 +303,6 @@ class DenseDeltaLayer(AdditiveDeltaLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        if self.merged:
-            return out
         layer = self.weighted_layer
         delta = self.delta_weight().to(x.dtype)  # the base weight's shape, in the activations' dtype
         if isinstance(layer, nn.Linear):

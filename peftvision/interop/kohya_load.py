@@ -17,7 +17,7 @@ from ..wrappers import unwrap
 
 def load_single_file(model: nn.Module, path: Path, adapter_name: str | None, hotswap: bool,
                      text_encoder: nn.Module | None, text_encoder_2: nn.Module | None) -> nn.Module:
-    from ..checkpoint import _check_name, _remove, load_read
+    from ..loading import _check_name, _remove, load_read
     from ..state import get_adapters
     from .kohya import read_kohya
 

@@ -127,7 +127,6 @@ class AdaptFormer(Method):
         number_in(self.name, "dropout", self.dropout, 0, 1, high_open=True)
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         block_cls = _loaded_class("timm.models.vision_transformer", "Block")
         args = (self.bottleneck, self.scale, self.learnable_scale, self.dropout)
         for name, module in ctx.find(self, self.default_targets(ctx)):

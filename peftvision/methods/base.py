@@ -265,7 +265,7 @@ class ApplyContext:
                   or (GENERIC in method.architectures and (explicit or arch.name == GENERIC
                                                             or method.placed and hasattr(method, "targets"))))
         if not ok:
-            reason = arch.refusals.get(method.placement_name()) or method.placed_where
+            reason = arch.refusals.get(method.placement_name()) or method.placed_where or _written_for(method)
             why = (f": {reason}" if reason else f" (it needs a family with {method.needs!r})" if method.needs
                    else " (no placement on this family)")
             raise self.refusal(method, why)
@@ -317,6 +317,16 @@ class ApplyContext:
         selection) as `config`: the value saved in adapter_config.json, which rebuilds the same
         layers. The user's config object is never changed."""
         self.recorded[method.name] = config
+
+
+def _written_for(method: Method) -> str:
+    """"it is written for timm VisionTransformer and its variants ('vit'), ..." for a method that
+    names the families whose block layout it knows; '' for the others."""
+    if method.placed or GENERIC in method.architectures or not method.architectures:
+        return ""
+    known = [(a, architectures().get(a)) for a in method.architectures]
+    return "it is written for " + ", ".join(
+        f"{arch.description.split(':')[0].split(' (')[0] if arch else a} ({a!r})" for a, arch in known)
 
 
 def _own_modules(layer: AdapterLayer):

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from ..layers import AdapterLayer, like_kwargs
@@ -56,7 +57,7 @@ class ConvBypass(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, h: Tensor) -> Tensor:  # h: (B, N, D)
-        batch, n, _ = h.shape
+        n = h.shape[1]
         (rows, cols), p = self.grid, self.prefix
         if n - p != rows * cols:
             raise ValueError(f"convpass was applied for a {rows}x{cols} patch grid plus {p} prefix "
@@ -65,8 +66,8 @@ class ConvBypass(nn.Module):
         z = quick_gelu(self.down(h.to(self.down.weight.dtype)))  # (B, N, d)
         centre = self.conv.weight[:, :, 1, 1]  # (d, d): a 3x3 conv on a 1x1 image
         z_prefix = F.linear(z[:, :p], centre, self.conv.bias)  # (B, p, d)
-        grid = z[:, p:].transpose(1, 2).reshape(batch, -1, rows, cols)  # (B, d, H, W)
-        z_patch = self.conv(grid).flatten(2).transpose(1, 2)  # (B, H·W, d)
+        grid = rearrange(z[:, p:], "b (h w) d -> b d h w", h=rows, w=cols)  # tokens row by row
+        z_patch = rearrange(self.conv(grid), "b d h w -> b (h w) d")  # back to (B, H·W, d)
         z = self.dropout(quick_gelu(torch.cat([z_prefix, z_patch], dim=1)))  # (B, N, d)
         return self.up(z).to(h.dtype)  # (B, N, D)
 

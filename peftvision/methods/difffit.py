@@ -21,7 +21,8 @@ branch's last Linear (the Attention's to_out.0, the FeedForward's last Linear), 
 only dropout (and the Attention's division by rescale_output_factor) follows that Linear; an
 Attention with residual_connection=True adds its input after to_out.0 and refuses to merge.
 Unmerge divides by γ (within rounding, as SSF); a γ with a zero or tiny entry makes merge keep
-the exact weight instead (layers.py), so unmerge never divides by zero.
+the exact weight instead (layers.py), so unmerge never divides by zero. The scales are
+affine.py's ChannelAffineLayer, as SSF's and IA3's.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..affine import affine
+from ..affine import ChannelAffineLayer
 from ..errors import UnsupportedArchitectureError
-from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact, scaled_rows_overflow
+from ..layers import AdapterLayer, like_kwargs
 from ..registry import register_method
 from ..targets import GENERIC, NORM_TYPES, _loaded_class
 from .base import ApplyContext, Method, parameters_under
@@ -71,13 +72,17 @@ def branch_output_linear(branch: nn.Module) -> tuple[nn.Module | None, str]:
     return linear, ""
 
 
-class ChannelScale(AdapterLayer):
-    """y = γ ⊙ f(x) over the last (channel) axis; f is a Linear or a whole branch module."""
+class ChannelScale(ChannelAffineLayer):
+    """y = γ ⊙ f(x) over the last (channel) axis; f is a Linear or a whole branch module, whose
+    scale folds into the branch's last Linear (merge and unmerge: affine.py)."""
 
     def __init__(self, base_layer: nn.Module, channels: int) -> None:
         super().__init__(base_layer)
         ref = next(self.weighted_layer.parameters())
         self.difffit_scale = nn.Parameter(torch.ones(channels, **like_kwargs(ref)))
+
+    def affine_params(self) -> tuple[Tensor, None]:
+        return self.difffit_scale, None
 
     @property
     def merge_layer(self) -> nn.Module:
@@ -89,27 +94,7 @@ class ChannelScale(AdapterLayer):
             why = branch_output_linear(self.weighted_layer)[1]
             if why:
                 return f"difffit's {type(self.weighted_layer).__name__} branch scale ({why})"
-        blocker = super().merge_blocker()
-        if not blocker and scaled_rows_overflow(self.merge_layer.weight, self.difffit_scale):
-            blocker = f"difffit (γ·W overflows {self.merge_layer.weight.dtype})"
-        return blocker
-
-    def needs_stash(self) -> bool:  # dividing by a zero or tiny γ would not give W back
-        return not scale_inverse_is_exact(self.difffit_scale, self.merge_layer.weight.dtype)
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        out = self.base_layer(x, *args, **kwargs)  # (B, N, C)
-        return out if self.merged else affine(out, self.difffit_scale.to(out.dtype))
-
-    def merge_into(self, weight, bias):  # weight (C, in): scale its output rows in place
-        weight.mul_(self.difffit_scale[:, None])
-        if bias is not None:
-            bias.mul_(self.difffit_scale)
-
-    def unmerge_from(self, weight, bias):
-        weight.div_(self.difffit_scale[:, None])
-        if bias is not None:
-            bias.div_(self.difffit_scale)
+        return super().merge_blocker()
 
 
 @register_method
@@ -126,7 +111,6 @@ class DiffFit(Method):
     paper: ClassVar[str] = "Xie et al., ICCV 2023"
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         block_classes = tuple(c for c in (_loaded_class(*spec) for spec in BLOCKS) if c is not None)
         if not block_classes or not any(isinstance(m, block_classes) for m in ctx.model.modules()):
             raise UnsupportedArchitectureError(

@@ -59,8 +59,6 @@ class DoRAMixin(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # W0·x + b
-        if self.merged:
-            return out
         weight = self.weighted_layer.weight
         with torch.no_grad():  # ‖W0 + ΔW‖ is a constant in the backward pass (paper §4.3)
             norm = self._norm(self._adapted_weight(weight))  # (out,)

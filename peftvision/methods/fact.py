@@ -79,8 +79,6 @@ class FacTLinear(AdditiveDeltaLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
-        if self.merged:
-            return out
         f = self.shared
         cores = self.slice_cores()  # (P, r, r)
         h = x.to(f.U.dtype)

@@ -6,8 +6,9 @@ Transformers: l_k ⊙ k and l_v ⊙ v (the outputs of the key and value projecti
 the input of the MLP's second Linear. CNNs: the output channels of the block convs.
 
 Merge: scaling a layer's outputs folds into its rows, W' = diag(l)·W, b' = l ⊙ b; scaling its
-input folds into its columns, W' = W·diag(l). Unmerge divides by l (fp32 rounding, like SSF), so
-a scale with a zero entry refuses to merge.
+input folds into its columns, W' = W·diag(l). Unmerge divides by l (fp32 rounding, like SSF); a
+scale with a zero or tiny entry makes merge keep the exact weight instead. All of this is the
+per-channel affine layer SSF and DiffFit share (affine.py); this file says only where l goes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact
+from ..affine import ChannelAffineLayer
+from ..layers import like_kwargs
 from ..registry import register_method
 from ..targets import GENERIC, TargetSpec, check_target_spec
 from .base import ApplyContext, Method, MethodFacts
@@ -26,8 +28,9 @@ from .base import ApplyContext, Method, MethodFacts
 IA3_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class IA3Layer(AdapterLayer):
-    """y = l ⊙ layer(x) on output channels [start, stop) (`on_input`: y = layer(l ⊙ x))."""
+class IA3Layer(ChannelAffineLayer):
+    """y = l ⊙ layer(x) on output channels [start, stop) (`on_input`: y = layer(l ⊙ x)); forward,
+    merge and unmerge are the shared per-channel affine layer's (affine.py)."""
 
     def __init__(self, base_layer: nn.Module, on_input: bool, start: int = 0) -> None:
         super().__init__(base_layer)
@@ -37,53 +40,11 @@ class IA3Layer(AdapterLayer):
         channels = layer.weight.shape[1 if on_input else 0] * (getattr(layer, "groups", 1) if on_input else 1)
         self.ia3_scale = nn.Parameter(torch.ones(channels - start, **like_kwargs(layer.weight)))
 
-    def _full(self, channels: int, dtype: torch.dtype | None = None) -> Tensor:
-        """l padded with ones over the channels it leaves alone (the q third of a fused qkv),
-        in `dtype` (the activations' or weight's: an fp32 adapter beside a half base)."""
-        scale = self.ia3_scale if dtype is None else self.ia3_scale.to(dtype)
+    def affine_params(self) -> tuple[Tensor, None]:
+        """l over every channel: padded with ones over those it leaves alone (a fused qkv's q third)."""
         if not self.start:
-            return scale
-        return torch.cat([scale.new_ones(self.start), scale])  # (channels,)
-
-    def _along(self, t: Tensor, scale: Tensor) -> Tensor:
-        if self.channel_dim == -1:
-            return t * scale  # (..., C)
-        return t * scale.view(-1, *([1] * (t.dim() - 2)))  # (B, C, *spatial)
-
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        if self.on_input:
-            scale = self._full(x.shape[self.channel_dim], x.dtype)
-            return self.base_layer(self._along(x, scale), *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
-        return self._along(out, self._full(out.shape[self.channel_dim], out.dtype))
-
-    def needs_stash(self) -> bool:  # dividing by a zero or tiny scale would not give W back
-        return not scale_inverse_is_exact(self.ia3_scale, self.merge_layer.weight.dtype)
-
-    def merge_blocker(self) -> str:
-        if self.on_input and getattr(self.weighted_layer, "groups", 1) != 1:
-            return "ia3 on the input of a grouped conv"
-        return super().merge_blocker()
-
-    def _weight_scale(self, weight: Tensor) -> Tensor:
-        """l shaped to scale `weight`'s rows (outputs) or columns (inputs)."""
-        axis = 1 if self.on_input else 0
-        scale = self._full(weight.shape[axis], weight.dtype)
-        shape = [1] * weight.dim()
-        shape[axis] = -1
-        return scale.view(shape)
-
-    def merge_into(self, weight, bias):  # in place: W·diag(l) or diag(l)·W, b ⊙ l
-        weight.mul_(self._weight_scale(weight))
-        if not self.on_input and bias is not None:
-            bias.mul_(self._full(bias.shape[0], bias.dtype))
-
-    def unmerge_from(self, weight, bias):
-        weight.div_(self._weight_scale(weight))
-        if not self.on_input and bias is not None:
-            bias.div_(self._full(bias.shape[0], bias.dtype))
+            return self.ia3_scale, None
+        return torch.cat([self.ia3_scale.new_ones(self.start), self.ia3_scale]), None  # (channels,)
 
 
 def ia3_params(config: IA3, layer: IA3Layer) -> int:

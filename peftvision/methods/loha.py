@@ -67,7 +67,6 @@ class LoHa(Method):
             number_in(self.name, "alpha", self.alpha, 0, math.inf, low_open=True, high_open=True)
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         alpha = float(self.alpha if self.alpha is not None else self.r)
         allowed = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
         for name, _ in ctx.find(self, self.target_spec(ctx), allowed=allowed):

@@ -113,7 +113,6 @@ class LoKr(Method):
             raise ConfigError(f"lokr: decompose_both must be True or False, got {self.decompose_both!r}")
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         alpha = float(self.alpha if self.alpha is not None else self.r)
         allowed = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
         for name, _ in ctx.find(self, self.target_spec(ctx), allowed=allowed):

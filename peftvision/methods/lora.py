@@ -98,8 +98,6 @@ class LoRALinear(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., out)
-        if self.merged:
-            return out
         return out + self.branch(x, self._drop(x))
 
     def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:
@@ -149,8 +147,6 @@ class LoRAFusedLinear(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., 3D)
-        if self.merged:
-            return out
         low = F.linear(self._drop(x), rearrange(self.lora_A, "n r i -> (n r) i").to(x.dtype))  # (..., n*r)
         low = rearrange(low, "... (n r) -> ... n r", n=len(self.slots))  # (..., n, r)
         delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B.to(low.dtype)) * self.scaling  # (..., n, D)
@@ -200,8 +196,6 @@ class LoRAConv(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (B, out, *spatial')
-        if self.merged:
-            return out
         return out + self.branch(x, self._drop(x))
 
     def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:
@@ -317,7 +311,6 @@ class LoRA(Method):
         return LoRALinear, LoRAConv
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         alpha = float(self.alpha if self.alpha is not None else self.r)
         opts = dict(dropout=self.dropout, rslora=self.use_rslora)

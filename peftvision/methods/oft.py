@@ -82,8 +82,6 @@ class OFTLayer(AdapterLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         layer = self.weighted_layer
-        if self.merged:
-            return self.base_layer(x)
         rot = self.rotation()  # (blocks, b, b), float32 or wider
         weight = self._rotate(layer.weight.to(rot.dtype), rot).to(x.dtype)  # (out, in/g, *k)
         if weight_transform(layer):  # e.g. timm's StdConv2d: its own forward on the rotated weight
@@ -122,7 +120,6 @@ class OFT(Method):
             raise ConfigError("oft: block_size must be at least 2 (a 1x1 rotation is the identity)")
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         allowed = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
         for name, _ in ctx.find(self, self.target_spec(ctx), allowed=allowed):
             ctx.wrap(self, name, lambda m: OFTLayer(m, self.block_size))

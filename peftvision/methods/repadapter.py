@@ -63,8 +63,6 @@ class RepAdapterLinear(AdapterLayer):
         return self.weighted_layer
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:  # x: (..., D)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
         h = x.to(self.A.weight.dtype)
         return self.base_layer(x + (self.adapter(h) * self.scale).to(x.dtype), *args, **kwargs)
 

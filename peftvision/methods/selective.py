@@ -30,7 +30,6 @@ class SelectiveMethod(Method):
         return True
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         # spec None: the whole model (cheaper than matching every module)
         try:
@@ -83,7 +82,6 @@ class Full(SelectiveMethod):
     summary: ClassVar[str] = "full fine-tuning: every parameter trains"
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         ctx.select(self, ((c, p) for c, p in parameters_under("", ctx.model) if not _in_head(c, ctx)))
 
 
@@ -96,7 +94,6 @@ class Linear(SelectiveMethod):
     summary: ClassVar[str] = "linear probing: only the classifier head trains"
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         if not ctx.head_modules:
             raise UnsupportedArchitectureError(
                 f"linear probing needs a classifier head, and {type(ctx.model).__name__} has none "

@@ -96,7 +96,6 @@ class SparseMethod(Method):
         return {"selection": {name: int(idx.numel()) for name, idx in sparse.items()}}
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         entries = scope_entries(ctx, self)
         if self.selection is not None:  # a recorded selection (load_adapter): no data needed
             sparse, lora = recorded_selection(self, entries), self.recorded_lora()

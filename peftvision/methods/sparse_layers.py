@@ -190,8 +190,6 @@ class SparseDeltaLayer(AdapterLayer):
 
     def forward(self, *args, **kwargs):
         layer = self.base_layer
-        if self.merged:
-            return layer(*args, **kwargs)
         kind = "" if isinstance(layer, AdapterLayer) else _fast_kind(layer)
         if kind and "weight" in self.names and len(args) == 1 and not kwargs:
             bias = self.effective("bias") if "bias" in self.names else layer.bias
@@ -205,29 +203,21 @@ class SparseDeltaLayer(AdapterLayer):
         swapped = {prefix + name: self.effective(name) for name in self.names}
         return functional_call(self.base_layer, swapped, args, kwargs)
 
-    # -- merge / unmerge: in place on the k entries, exact -----------------------------------
+    # -- merge / unmerge (the shared AdapterLayer.merge): in place on the k entries, exact -------
     def merge_blocker(self) -> str:
-        return ""
+        return ""  # p + Δp is what the forward swaps in, so any layer computes the merged function
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
+    def merge_into(self, weight, bias):  # the adapted tensors by name, not only weight and bias
         for name in self.names:
             flat, idx = self.target(name).view(-1), self.indices(name)
             saved = flat[idx]  # (k,) a copy: what unmerge writes back
             flat[idx] = saved + self.values(name)  # the forward's W[i] + v, bitwise
             self.register_buffer(f"_saved_{name}", saved, persistent=False)
-        self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
+    def unmerge_from(self, weight, bias):  # the kept entries back: bitwise, k values per tensor
         for name in self.names:
             self.target(name).view(-1)[self.indices(name)] = getattr(self, f"_saved_{name}")
             self.register_buffer(f"_saved_{name}", None, persistent=False)
-        self.merged = False
 
     def extra_repr(self) -> str:
         sizes = ", ".join(f"{n}: {getattr(self, f'values_{n}').numel()}/{self.target(n).numel()}"

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..affine import affine
+from ..affine import ChannelAffineLayer
 from ..errors import UnsupportedArchitectureError
-from ..layers import AdapterLayer, like_kwargs, scale_inverse_is_exact, scaled_rows_overflow
+from ..layers import like_kwargs
 from ..registry import register_method
 from ..targets import GENERIC, NORM_TYPES, TargetSpec, _loaded_class
 from .base import ApplyContext, Method, MethodFacts, number_in
@@ -62,7 +62,9 @@ def plain_norm_forward(layer: nn.Module):
     return None
 
 
-class SSFLayer(AdapterLayer):
+class SSFLayer(ChannelAffineLayer):
+    """y = γ ⊙ layer(x) + β on the layer's output channels (merge and unmerge: affine.py)."""
+
     def __init__(self, base_layer: nn.Module, init_std: float = 0.02) -> None:
         super().__init__(base_layer)
         layer = self.weighted_layer
@@ -80,24 +82,16 @@ class SSFLayer(AdapterLayer):
         self.ssf_scale = nn.Parameter(torch.empty(channels, **kwargs).normal_(1.0, init_std))
         self.ssf_shift = nn.Parameter(torch.empty(channels, **kwargs).normal_(0.0, init_std))
 
-    def _view(self, v: Tensor, ndim: int, dim: int) -> Tensor:
-        shape = [1] * ndim
-        shape[dim] = -1
-        return v.view(shape)
+    def affine_params(self) -> tuple[Tensor, Tensor]:
+        return self.ssf_scale, self.ssf_shift
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.norm_forward is not None:  # norm -> SSF -> drop -> act
             layer = self.weighted_layer  # another adapter's layer below is inactive (set_adapter)
-            out = self.norm_forward(layer, x)
-            return layer.act(layer.drop(out if self.merged else self._scale_shift(out)))
-        if not self.merged and self.plain_base and _is_plain_layer_norm(self.weighted_layer):
+            return layer.act(layer.drop(self.apply_affine(self.norm_forward(layer, x))))
+        if self.plain_base and _is_plain_layer_norm(self.weighted_layer):
             return self._scaled_layer_norm(x)
-        out = self.base_layer(x, *args, **kwargs)
-        return out if self.merged else self._scale_shift(out)
-
-    def _scale_shift(self, out: Tensor) -> Tensor:
-        scale, shift = self.ssf_scale.to(out.dtype), self.ssf_shift.to(out.dtype)  # an fp32 adapter on half
-        return affine(out, scale, shift, self.channel_dim)  # keeps y, not out
+        return self.apply_affine(self.base_layer(x, *args, **kwargs))  # keeps y, not the layer's output
 
     def _scaled_layer_norm(self, x: Tensor) -> Tensor:
         """γ ⊙ LN(x) + β as one layer norm with weight γ ⊙ w and bias γ ⊙ b + β (the merged form,
@@ -107,34 +101,6 @@ class SSFLayer(AdapterLayer):
         bias = shift if norm.bias is None else torch.addcmul(shift, norm.bias, scale)
         dtype = x.dtype  # an fp32 adapter beside a half norm computes in the activations' dtype
         return F.layer_norm(x, norm.normalized_shape, weight.to(dtype), bias.to(dtype), norm.eps)
-
-    def needs_bias_to_merge(self) -> bool:
-        return True
-
-    def _weight_scale(self, weight: Tensor) -> Tensor:
-        """γ shaped to scale `weight` per output channel."""
-        if isinstance(self.weighted_layer, nn.LayerNorm) or weight.dim() == 1:
-            return self.ssf_scale  # norm weights: channels are the last axis
-        return self._view(self.ssf_scale, weight.dim(), 0)  # Linear/Conv: output channels are dim 0
-
-    def merge_blocker(self) -> str:
-        blocker = super().merge_blocker()
-        layer = self.merge_layer
-        if not blocker and scaled_rows_overflow(layer.weight, self.ssf_scale,
-                                                rows_first=not isinstance(layer, nn.LayerNorm)):
-            blocker = f"ssf into {type(layer).__name__} (γ·W overflows {layer.weight.dtype})"
-        return blocker
-
-    def needs_stash(self) -> bool:  # dividing by a zero or tiny γ would not give W back
-        return not scale_inverse_is_exact(self.ssf_scale, self.merge_layer.weight.dtype)
-
-    def merge_into(self, weight, bias):  # in place; the products are rounded once into W's dtype
-        weight.mul_(self._weight_scale(weight))
-        bias.mul_(self.ssf_scale).add_(self.ssf_shift)
-
-    def unmerge_from(self, weight, bias):
-        weight.div_(self._weight_scale(weight))
-        bias.sub_(self.ssf_shift).div_(self.ssf_scale)
 
 
 @register_method
@@ -161,7 +127,6 @@ class SSF(Method):
         number_in(self.name, "init_std", self.init_std, 0, 1)
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         for name, _module in ctx.find(self, spec, allowed=SSF_LAYERS):
             ctx.wrap(self, name, lambda m: SSFLayer(m, self.init_std))

@@ -131,8 +131,6 @@ class SpectralShift(AdditiveDeltaLayer):
         return ((self.svd_u * self._shift()) @ self.svd_vh).view(self.weighted_layer.weight.shape)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
         layer = self.weighted_layer
         direct = self.plain_base and type(layer).forward in _PLAIN_FORWARDS
         if self.svd_s is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -219,7 +217,6 @@ class SVDiff(Method):
         return list(SVDIFF_LAYERS)  # every weight the reference shifts (BatchNorms excepted: below)
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         spec = self.target_spec(ctx)
         # BatchNorm is not offered: its train-mode statistics make w + δ need BN's own forward
         # a norm without affine has nothing to shift; timm's channel-first LayerNorm2d and its

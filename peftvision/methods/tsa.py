@@ -48,8 +48,6 @@ class TSAConv(AdditiveDeltaLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (B, C_out, H', W')
-        if self.merged:
-            return out
         return out + F.conv2d(x, self.tsa_alpha.to(x.dtype), stride=self.weighted_layer.stride)
 
     def delta_weight(self) -> Tensor:
@@ -78,8 +76,6 @@ class TSAAlignment(AdapterLayer):
         self.tsa_beta = nn.Parameter(torch.eye(head.in_features, **like_kwargs(head.weight)))
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged:
-            return self.base_layer(x)
         return self.base_layer(F.linear(x, self.tsa_beta.to(x.dtype)))  # (B, features) -> (B, classes)
 
     def merge_into(self, weight, bias):  # (classes, F) @ (F, F) in the wider dtype, rounded once
@@ -108,7 +104,6 @@ class TSA(Method):
                                              else layer.weighted_layer.out_channels * layer.weighted_layer.in_channels))
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         for name, _conv in ctx.find(self, self.target_spec(ctx), allowed=(nn.Conv2d,)):
             ctx.wrap(self, name, TSAConv)
         if self.alignment:

@@ -96,7 +96,6 @@ class VPT(Method):
         number_in(self.name, "dropout", self.dropout, 0, 1, high_open=True)
 
     def apply_to(self, ctx: ApplyContext) -> None:
-        ctx.require_architecture(self)
         model = ctx.model
         if ctx.architecture == "swin":
             return self._apply_swin(ctx)
