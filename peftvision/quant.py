@@ -131,7 +131,7 @@ def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[str, nn.Module
     """The plain nn.Linear layers to quantize: not in `skip`, and not read by their parent's own
     code as `child.weight` (timm's EVA runs F.linear(x, qkv.weight, ...), which a quantized
     weight would break)."""
-    from .methods.base import _attributes_read
+    from .methods.wrap_checks import attributes_read
     from .surgery import get_submodule_parent
 
     skip = set(skip)
@@ -140,7 +140,7 @@ def _linears(model: nn.Module, skip: Iterable[str]) -> list[tuple[str, nn.Module
         if type(m) is not nn.Linear or name in skip:
             continue
         parent, child = get_submodule_parent(model, name)
-        if "weight" not in _attributes_read(type(parent)).get(child, ()):
+        if "weight" not in attributes_read(type(parent)).get(child, ()):
             found.append((name, m))
     return found
 

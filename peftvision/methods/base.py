@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import math
-import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,6 +25,7 @@ from ..targets import (
     find_targets,
     iter_base_modules,
 )
+from .wrap_checks import attributes_read, check_float_weights, check_parent_access, unwrapped
 
 
 @dataclass(frozen=True)
@@ -246,7 +244,7 @@ class ApplyContext:
     def read_by_parent(self, name: str) -> frozenset[str]:
         """Attributes (other than forward) of module `name` that its parent's forward reads."""
         parent, child = get_submodule_parent(self.model, name)
-        return frozenset(_attributes_read(type(_unwrapped(parent))).get(child, ())) - {"forward"}
+        return frozenset(attributes_read(type(unwrapped(parent))).get(child, ())) - {"forward"}
 
     def example_names(self, count: int = 8) -> str:
         """Real module names of the model, to show in an error (layers with weights first)."""
@@ -288,7 +286,7 @@ class ApplyContext:
             if not param.is_floating_point():  # requires_grad_ would be a raw torch error
                 module = get_module(self.model, canonical.rpartition(".")[0]) if "." in canonical else self.model
                 raise UnsupportedArchitectureError(quant.refusal(
-                    method.name, canonical, _unwrapped(module),
+                    method.name, canonical, unwrapped(module),
                     f"{canonical} is {param.dtype}, which cannot train"))
             self.state.keep(canonical, param)  # before training changes it (unload restores it)
             param.requires_grad_(True)
@@ -299,14 +297,14 @@ class ApplyContext:
 
     def wrap(self, method: Method, name: str, factory: Callable[[nn.Module], AdapterLayer],
              innermost: bool = False) -> AdapterLayer:
-        _check_float_weights(method, name, get_module(self.model, name))
+        check_float_weights(method, name, get_module(self.model, name))
         layer = wrap_module(self.model, name, factory, self.journal, innermost, self.state.adapter_name)
         layer.method_name = method.name
         for part in _own_modules(layer):  # the layer and the adapter modules it inserts
             if isinstance(part, Adapter):
                 part.adapter_name = self.state.adapter_name
         parent, child = get_submodule_parent(self.model, name)
-        _check_parent_access(method, name, _unwrapped(parent), child, layer)
+        check_parent_access(method, name, unwrapped(parent), child, layer)
         wrapped = self.state.wrapped.setdefault(method.name, [])
         if name not in wrapped:
             wrapped.append(name)
@@ -335,66 +333,6 @@ def _own_modules(layer: AdapterLayer):
     for name, child in layer.named_children():
         if name != "base_layer":
             yield from child.modules()
-
-
-def _unwrapped(module: nn.Module) -> nn.Module:
-    while isinstance(module, AdapterLayer):
-        module = module.base_layer
-    return module
-
-
-def _check_float_weights(method: Method, name: str, module: nn.Module) -> None:
-    """Refuse to wrap a layer with integer / quantized weights unless it is a bitsandbytes layer
-    and the method can run on it (QLoRA): never a raw torch error later on an int8 tensor."""
-    layer = _unwrapped(module)
-    if not quant.is_quantized(layer):
-        return
-    why = method.quantized_refusal() if quant.bnb_kind(layer) else "integer or quantized weights"
-    if why:
-        raise UnsupportedArchitectureError(quant.refusal(method.name, name, layer, why))
-
-
-_PARENT_READS = re.compile(r"self\.(\w+)\.(\w+)")
-
-
-@functools.cache
-def _attributes_read(cls: type) -> dict[str, frozenset[str]]:
-    """child name -> attributes of it that `cls`'s forward code reads (self.child.attr); only
-    timm and diffusers classes are read (their source is plain Python we know the layout of)."""
-    reads: dict[str, set[str]] = {}
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object) or klass.__module__.split(".")[0] not in ("timm", "diffusers"):
-            continue
-        for fname, fn in vars(klass).items():  # what runs per call, not init or set-up code
-            if not (inspect.isfunction(fn) and any(k in fname for k in ("forward", "attn", "pos_embed"))):
-                continue
-            try:
-                source = inspect.getsource(fn)
-            except (OSError, TypeError):
-                continue
-            for child, attr in _PARENT_READS.findall(source):
-                reads.setdefault(child, set()).add(attr)
-    return {k: frozenset(v) for k, v in reads.items()}
-
-
-def _check_parent_access(method: Method, name: str, parent: nn.Module, child: str, layer: AdapterLayer) -> None:
-    """Refuse a wrapper whose parent reads attributes of the wrapped child that the wrapper cannot
-    give correctly (EVA reads qkv.weight: an additive ΔW gives W + ΔW; MaxViT calls
-    rel_pos.get_bias(), which no wrapper can adapt): never a crash or a silently ignored adapter."""
-    read = _attributes_read(type(parent)).get(child, ())
-    if "weight" in read and quant.is_quantized(layer.weighted_layer):  # F.linear(x, uint8 weight)
-        raise UnsupportedArchitectureError(
-            f"{method.name} cannot adapt {name}: its parent {type(parent).__name__} computes with "
-            f"{child}.weight itself, which is {quant.describe(layer.weighted_layer)}. Keep {name} "
-            "in float (peftvision.quant.quantize leaves such layers out), or leave it out of targets")
-    missing = sorted(a for a in read
-                     if a != "forward" and not hasattr(type(layer), a)
-                     and a not in layer._parameters and a not in layer._buffers and a not in layer._modules)
-    if missing:
-        reads = ", ".join(f"{child}.{a}" for a in missing)
-        raise UnsupportedArchitectureError(
-            f"{method.name} cannot adapt {name}: its parent {type(parent).__name__} reads {reads} "
-            f"directly, which a {type(layer).__name__} cannot provide adapted. Leave {name} out of targets")
 
 
 def parameters_under(prefix: str, module: nn.Module, recurse: bool = True):
