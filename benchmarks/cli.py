@@ -142,10 +142,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_table(args) -> int:
+    from .reproduce.figure2 import write_figure2
     from .reproduce.table4 import load_generation, write_table4
     from .table import write_tables
 
-    generation = write_table4(args.dir, args.out) if load_generation(args.dir) else []  # Table 4
+    generation = ([*write_table4(args.dir, args.out), *write_figure2(args.dir, args.out)]  # Table 4, Figure 2
+                  if load_generation(args.dir) else [])
     try:
         files = write_tables(args.dir, args.metric, args.out)
     except FileNotFoundError:

@@ -89,3 +89,88 @@ def test_generate_on_mimic_cxr_records_the_patient_split(tmp_path):
     assert all((run_dir / s["generated"]).is_file() and (run_dir / s["real"]).is_file()
                for s in saved["samples"])
     assert saved["samples"][0]["prompt"].startswith("Finding ")
+
+
+@pytest.mark.slow  # 12 tiny-UNet runs: about a minute on 2 shared cores
+def test_reproduce_table4_runs_on_mimic_cxr_and_draws_table4_and_figure2(tmp_path, capsys):
+    from PIL import Image
+
+    from benchmarks.cli import main
+    from benchmarks.reproduce.figure2 import load_samples, panels
+
+    write_mimic_cxr(tmp_path / "data" / "mimic-cxr")
+    out = tmp_path / "t4"
+    args = ["reproduce", "table4", "--data-root", str(tmp_path / "data"), "--out", str(out),
+            "--model-as", "tiny", "--methods", "bias", "lora", "--seeds", "0", "--steps", "1",
+            "--batch-size", "2", "--image-size", "32", "--inference-steps", "1", "--fid-images", "4",
+            "--fid-features", "offline", "--quiet"]
+    with pytest.warns(UserWarning, match="110,000 images"):  # the tiny tree has 11
+        assert main(args) == 0
+    results = [json.loads(p.read_text()) for p in out.rglob("result.json")]
+    assert sorted((r["method"]["label"], r["config"]["fraction"]) for r in results) == [
+        (m, f) for m in ("bias", "lora") for f in (0.1, 0.5, 1.0)]
+    assert {r["dataset"]["split"]["n_test"] for r in results} == {4}
+    assert {r["method"]["options"].get("r") for r in results if r["method"]["label"] == "lora"} == {4}
+    table = (out / "table4.md").read_text()
+    assert "| bias |" in table and "| lora |" in table and "average rank" in table
+    figures = sorted(out.glob("figure2_mimic-cxr_f*_s0.png"))
+    assert [f.name for f in figures] == ["figure2_mimic-cxr_f0.1_s0.png", "figure2_mimic-cxr_f0.5_s0.png",
+                                        "figure2_mimic-cxr_f1_s0.png"]
+    assert Image.open(figures[0]).size[0] > 200
+    # one panel per data volume; both methods, with the same prompts in the same order
+    groups = panels(load_samples(out))
+    assert len(groups) == 3 and all(set(g) == {"bias", "lora"} for g in groups.values())
+    for g in groups.values():
+        assert [s["prompt"] for s in g["bias"]["samples"]] == [s["prompt"] for s in g["lora"]["samples"]]
+    assert main(args + ["--resume"]) == 0
+    assert capsys.readouterr().out.count("exists, skipped") == 6
+
+
+def _t2i_result(directory, method, seed, prompts, colour):
+    from PIL import Image
+
+    from benchmarks.results import KIND, write_result
+
+    run = directory / f"{method}_s{seed}"
+    (run / "samples").mkdir(parents=True)
+    samples = []
+    for i, p in enumerate(prompts):
+        for kind, c in (("generated", colour), ("real", 128)):
+            Image.new("RGB", (8, 8), (c, c, c)).save(run / f"samples/{kind}_{i:03d}.png")
+        samples.append({"index": i, "prompt": p, "generated": f"samples/generated_{i:03d}.png",
+                        "real": f"samples/real_{i:03d}.png"})
+    write_result({"kind": KIND, "schema": 1, "task": "text-to-image", "config": {"fraction": 1.0, "seed": seed},
+                  "method": {"label": method}, "model": {"name": "tiny"},
+                  "dataset": {"name": "mimic-cxr", "split": {"n_train": 10, "test_sha256": "t"}},
+                  "metrics": {"fid_offline_features": 1.0}, "samples": samples}, run)
+
+
+def test_figure2_rows_are_methods_and_columns_are_prompts_of_one_seed(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from benchmarks.reproduce.outputs import write_outputs
+
+    prompts = [f"Impression {i}." for i in range(6)]
+    for method, colour in (("lora", 200), ("bias", 50)):
+        for seed in (1, 0):
+            _t2i_result(tmp_path, method, seed, prompts, colour + seed)
+    labels, titles, shown = [], [], []
+    orig = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", lambda self, t, **kw: labels.append(t))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, **kw: titles.append(t))
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, im, **kw: (shown.append(im.getpixel((0, 0))[0]), orig(self, im, **kw)))
+    written = write_outputs("table4", tmp_path)
+    assert [p.name for p in written] == ["table4.md", "figure2_mimic-cxr_f1_s0.png"]
+    assert labels == ["real (test image)", "bias", "lora"]  # rows: the real image, then methods
+    assert titles == prompts[:4]  # columns: the first four prompts
+    assert shown == [128] * 4 + [50] * 4 + [200] * 4  # seed 0's images only, row by row
+
+
+def test_figure2_refuses_runs_with_other_prompts(tmp_path):
+    from benchmarks.reproduce.figure2 import write_figure2
+
+    _t2i_result(tmp_path, "lora", 0, ["a", "b"], 10)
+    _t2i_result(tmp_path, "bias", 0, ["a", "c"], 20)
+    with pytest.raises(ValueError, match="disagree on the prompts"):
+        write_figure2(tmp_path)

@@ -19,7 +19,9 @@ EXTRA_DATASETS = {
     "rsna-pneumonia": ("csv:{root}/rsna-pneumonia/labels.csv",
                        "RSNA Pneumonia: labels.csv + images/ written by `python -m benchmarks.datasets "
                        "rsna-pneumonia DOWNLOAD_DIR --out ROOT/rsna-pneumonia/labels.csv`"),
-    "mimic-cxr": ("mimic-cxr:{root}/mimic-cxr", "MIMIC-CXR-JPG with reports (text-to-image)"),
+    "mimic-cxr": ("mimic-cxr:{root}/mimic-cxr", "MIMIC-CXR-JPG with the reports, as PhysioNet publishes "
+                  "them: mimic-cxr/{mimic-cxr-2.0.0-split.csv.gz, mimic-cxr-2.0.0-metadata.csv.gz, "
+                  "files/pXX/pID/sSTUDY/*.jpg, files/pXX/pID/sSTUDY.txt}"),
 }
 
 
@@ -139,7 +141,12 @@ def execute(grid: Grid, specs: dict, args) -> list[str]:
     from ..results import RESULT_NAME, slug
 
     notes = []
-    fixed = [r for r in grid.runs if r.lr != "hpo"]
+    generation = [r for r in grid.runs if r.task == "text-to-image"]
+    if generation:
+        from .text_to_image import execute_generation
+
+        execute_generation(generation, specs, args)
+    fixed = [r for r in grid.runs if r.lr != "hpo" and r.task == "classification"]
     if fixed:
         _, more = run_many([run_config(r, specs[r.dataset], args) for r in fixed], resume=args.resume)
         notes += more
@@ -168,9 +175,12 @@ def finish(grid: Grid, out: str, notes: list[str]) -> int:
     from ..table import write_tables
     from .outputs import write_outputs
 
-    files = write_tables(out)
-    print(files["markdown"].read_text())
-    written = [*files.values(), *write_plots(out), *write_outputs(grid.output, out)]
+    if grid.output == "table4":  # text-to-image: Table 4 and the Figure 2 grids only
+        written = write_outputs(grid.output, out)
+    else:
+        files = write_tables(out)
+        print(files["markdown"].read_text())
+        written = [*files.values(), *write_plots(out), *write_outputs(grid.output, out)]
     for n in notes:
         print(f"note: {n}")
     print("\n".join(f"wrote {p}" for p in written))
@@ -233,6 +243,10 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int)
     g.add_argument("--augment", choices=["paper", "timm"], default="paper",
                    help="paper: resize + flip (default); timm: timm.data.create_transform's recipe")
+    g.add_argument("--fid-images", type=int, help="text-to-image: held-out images for FID (paper 1,000)")
+    g.add_argument("--inference-steps", type=int, help="text-to-image: sampling steps (default 50)")
+    g.add_argument("--fid-features", choices=["auto", "inception", "offline"], default="auto",
+                   help="text-to-image: InceptionV3 (auto: if it loads) or the offline features")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--threads", type=int, help="torch CPU threads")
