@@ -53,3 +53,50 @@ def write_mimic_cxr(root: Path, train_patients: int = 6, test_patients: int = 3,
             w.writeheader()
             w.writerows(rows)
     return root
+
+
+FITZ_COLUMNS = ("md5hash", "fitzpatrick_scale", "fitzpatrick_centaur", "label", "nine_partition_label",
+                "three_partition_label", "qc", "url", "url_alphanum")
+FITZ_LABELS = (("psoriasis", "inflammatory", "non-neoplastic"),
+               ("basal cell carcinoma", "malignant epidermal", "malignant"),
+               ("seborrheic keratosis", "benign epidermal", "benign"))
+
+
+def write_fitzpatrick17k(root: Path, per_class: int = 4, absent: int = 1) -> Path:
+    """fitzpatrick17k.csv (its nine columns) and <md5hash>.jpg under root/data/finalfitz17k/; the
+    last `absent` rows have no image (a dead source URL)."""
+    images = root / "data" / "finalfitz17k"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    n = per_class * len(FITZ_LABELS)
+    for i in range(n):
+        label, nine, three = FITZ_LABELS[i % len(FITZ_LABELS)]
+        md5 = f"{i:032x}"
+        if i < n - absent:
+            Image.new("RGB", (20, 16), (30 + 15 * i, 90, 120)).save(images / f"{md5}.jpg")
+        rows.append({"md5hash": md5, "fitzpatrick_scale": i % 6 + 1, "fitzpatrick_centaur": i % 6 + 1,
+                     "label": label, "nine_partition_label": nine, "three_partition_label": three,
+                     "qc": "", "url": f"https://example.org/{md5}.jpg", "url_alphanum": f"x{md5}jpg"})
+    with open(root / "fitzpatrick17k.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FITZ_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def write_smdg(root: Path, per_type: int = 3) -> Path:
+    """'metadata - standardized.csv' and full-fundus/full-fundus/<names>.png as in the Kaggle
+    archive (types 0, 1 and -1)."""
+    images = root / "full-fundus" / "full-fundus"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, kind in enumerate(k for k in (0, 1, -1) for _ in range(per_type)):
+        name = f"{('BEH', 'DRISHTI', 'ORIGA')[i % 3]}-{i}"
+        Image.new("RGB", (18, 18), (150, 40 + 20 * i, 20)).save(images / f"{name}.png")
+        rows.append({"names": name, "types": kind, "fundus": f"/full-fundus/{name}.png",
+                     "fundus_od_seg": "", "fundus_oc_seg": "", "eye": "OD", "gender": "", "age": ""})
+    with open(root / "metadata - standardized.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root

@@ -19,6 +19,12 @@ EXTRA_DATASETS = {
     "rsna-pneumonia": ("csv:{root}/rsna-pneumonia/labels.csv",
                        "RSNA Pneumonia: labels.csv + images/ written by `python -m benchmarks.datasets "
                        "rsna-pneumonia DOWNLOAD_DIR --out ROOT/rsna-pneumonia/labels.csv`"),
+    "fitzpatrick17k": ("csv:{root}/fitzpatrick17k/labels.csv",
+                       "Fitzpatrick17k: labels.csv written by `python -m benchmarks.datasets fitzpatrick17k "
+                       "DOWNLOAD_DIR --out ROOT/fitzpatrick17k/labels.csv` (fitzpatrick17k.csv + <md5hash>.jpg)"),
+    "smdg": ("csv:{root}/smdg/labels.csv",
+             "SMDG-19: labels.csv written by `python -m benchmarks.datasets smdg DOWNLOAD_DIR --out "
+             "ROOT/smdg/labels.csv` ('metadata - standardized.csv' + full-fundus/)"),
     "mimic-cxr": ("mimic-cxr:{root}/mimic-cxr", "MIMIC-CXR-JPG with the reports, as PhysioNet publishes "
                   "them: mimic-cxr/{mimic-cxr-2.0.0-split.csv.gz, mimic-cxr-2.0.0-metadata.csv.gz, "
                   "files/pXX/pID/sSTUDY/*.jpg, files/pXX/pID/sSTUDY.txt}"),

@@ -76,6 +76,13 @@ CHOICES = (
     Choice("f1", "F1 (averaging not stated)", "macro-F1", "class-balanced, the usual choice "
            "for imbalanced medical sets; our choice, not the paper's statement"),
     Choice("image size", "224 (the encoders' native size)", "224", "ViT-H/14 also at 224"),
+    Choice("fitzpatrick17k labels", "Fitzpatrick17k (which of its label columns is not confirmed here)",
+           "three_partition_label (benign / malignant / non-neoplastic); rows whose image could not "
+           "be downloaded are left out", "the published coarse grouping; `label` (114 conditions) "
+           "with `--label-column label` when converting"),
+    Choice("smdg labels", "SMDG-19 (12,449 images)", "types 0 / 1 / -1 as non-glaucoma / glaucoma / "
+           "suspect: all 12,449 images", "keeping the suspects keeps the stated size; "
+           "`--no-suspects` when converting gives the binary task"),
 )
 
 
