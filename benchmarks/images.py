@@ -104,8 +104,11 @@ class ImageDataset:
     """A torch map-style dataset over one split: (image (3, S, S) float, label) pairs.
 
     Images are resized (bilinear, to a square) and normalised with the model's mean/std;
-    `train=True` adds a random horizontal flip (torch's RNG, so seeded runs repeat). Resized
-    images are cached as uint8 when the whole split fits in `cache_bytes` (default 1 GiB)."""
+    `train=True` adds a random horizontal flip. Indexed with EpochRandomSampler's (index, seed,
+    epoch) keys, the flip is a function of that key alone, so it does not depend on which process
+    or loader worker reads the image (`accelerate launch` with several processes flips what one
+    process would); a plain int index draws from torch's RNG. Resized images are cached as uint8
+    when the whole split fits in `cache_bytes` (default 1 GiB)."""
 
     def __init__(self, split: Split, image_size: int, mean, std, train: bool = False,
                  cache_bytes: int = 1 << 30):
@@ -134,10 +137,32 @@ class ImageDataset:
             self.cache[i] = a
         return a
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int, int]):
         import torch
 
+        i = key[0] if isinstance(key, tuple) else key
         x = torch.from_numpy(self.pixels(i).copy()).permute(2, 0, 1).float().div_(255)  # (3, S, S)
-        if self.train and torch.rand(()) < 0.5:
-            x = x.flip(-1)
+        if self.train:
+            u = np.random.default_rng(key).random() if isinstance(key, tuple) else torch.rand(()).item()
+            if u < 0.5:
+                x = x.flip(-1)
         return (x - self.mean) / self.std, int(self.split.labels[i])
+
+
+class EpochRandomSampler:
+    """A seeded shuffle yielding (index, seed, epoch) keys: the training loader's sampler. The
+    order comes from `generator` (accelerate keeps it in step across processes and shards the
+    batches); the key lets a dataset draw a sample's augmentation from the key alone."""
+
+    def __init__(self, n: int, generator, seed: int):
+        self.n, self.generator, self.seed, self.epoch = n, generator, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+
+        self.epoch += 1
+        for i in torch.randperm(self.n, generator=self.generator).tolist():
+            yield (i, self.seed, self.epoch)

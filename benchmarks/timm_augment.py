@@ -26,8 +26,26 @@ class TimmImageDataset:
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key: int | tuple[int, int, int]):
+        import random
+
+        import numpy as np
+        import torch
+
         from .images import to_rgb
 
+        i = key[0] if isinstance(key, tuple) else key
         im = to_rgb(self.split.store.image(int(self.split.indices[i])))
-        return self.transform(im), int(self.split.labels[i])
+        if not isinstance(key, tuple):
+            return self.transform(im), int(self.split.labels[i])
+        # an EpochRandomSampler key: the augmentation is a function of the key, whichever process
+        # or worker loads it; the global RNGs timm draws from are put back afterwards
+        state = random.getstate()
+        try:
+            with torch.random.fork_rng():
+                seed = int(np.random.default_rng(key).integers(2**31))
+                random.seed(seed)
+                torch.manual_seed(seed)
+                return self.transform(im), int(self.split.labels[i])
+        finally:
+            random.setstate(state)
