@@ -104,9 +104,9 @@ class ImageDataset:
     """A torch map-style dataset over one split: (image (3, S, S) float, label) pairs.
 
     Images are resized (bilinear, to a square) and normalised with the model's mean/std;
-    `train=True` adds a random horizontal flip. Indexed with EpochRandomSampler's (index, seed,
-    epoch) keys, the flip is a function of that key alone, so it does not depend on which process
-    or loader worker reads the image (`accelerate launch` with several processes flips what one
+    `train=True` adds a random horizontal flip. Indexed with EpochRandomSampler's SampleKeys, the
+    flip is a function of (seed, epoch, index) alone, so it does not depend on which process or
+    loader worker reads the image (`accelerate launch` with several processes flips what one
     process would); a plain int index draws from torch's RNG. Resized images are cached as uint8
     when the whole split fits in `cache_bytes` (default 1 GiB)."""
 
@@ -137,22 +137,38 @@ class ImageDataset:
             self.cache[i] = a
         return a
 
-    def __getitem__(self, key: int | tuple[int, int, int]):
+    def __getitem__(self, i: int):
         import torch
 
-        i = key[0] if isinstance(key, tuple) else key
         x = torch.from_numpy(self.pixels(i).copy()).permute(2, 0, 1).float().div_(255)  # (3, S, S)
         if self.train:
-            u = np.random.default_rng(key).random() if isinstance(key, tuple) else torch.rand(()).item()
+            u = key_rng(i).random() if isinstance(i, SampleKey) else torch.rand(()).item()
             if u < 0.5:
                 x = x.flip(-1)
         return (x - self.mean) / self.std, int(self.split.labels[i])
 
 
+class SampleKey(int):
+    """A dataset index that also carries the run seed and the epoch: any dataset indexes with it as
+    an int; augmenting datasets draw from key_rng(key) instead of a process's global RNG."""
+
+    def __new__(cls, index: int, seed: int, epoch: int) -> SampleKey:
+        key = super().__new__(cls, index)
+        key.seed, key.epoch = seed, epoch
+        return key
+
+    def __reduce__(self):  # pickled to loader workers with its seed and epoch
+        return SampleKey, (int(self), self.seed, self.epoch)
+
+
+def key_rng(key: SampleKey) -> np.random.Generator:
+    return np.random.default_rng((key.seed, key.epoch, int(key)))
+
+
 class EpochRandomSampler:
-    """A seeded shuffle yielding (index, seed, epoch) keys: the training loader's sampler. The
-    order comes from `generator` (accelerate keeps it in step across processes and shards the
-    batches); the key lets a dataset draw a sample's augmentation from the key alone."""
+    """A seeded shuffle yielding SampleKeys: the training loader's sampler. The order comes from
+    `generator` (accelerate keeps it in step across processes and shards the batches); the keys
+    let a dataset draw a sample's augmentation from (seed, epoch, index) alone."""
 
     def __init__(self, n: int, generator, seed: int):
         self.n, self.generator, self.seed, self.epoch = n, generator, seed, 0
@@ -165,4 +181,4 @@ class EpochRandomSampler:
 
         self.epoch += 1
         for i in torch.randperm(self.n, generator=self.generator).tolist():
-            yield (i, self.seed, self.epoch)
+            yield SampleKey(i, self.seed, self.epoch)

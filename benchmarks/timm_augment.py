@@ -26,24 +26,22 @@ class TimmImageDataset:
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: int | tuple[int, int, int]):
+    def __getitem__(self, i: int):
         import random
 
-        import numpy as np
         import torch
 
-        from .images import to_rgb
+        from .images import SampleKey, key_rng, to_rgb
 
-        i = key[0] if isinstance(key, tuple) else key
         im = to_rgb(self.split.store.image(int(self.split.indices[i])))
-        if not isinstance(key, tuple):
+        if not isinstance(i, SampleKey):
             return self.transform(im), int(self.split.labels[i])
-        # an EpochRandomSampler key: the augmentation is a function of the key, whichever process
-        # or worker loads it; the global RNGs timm draws from are put back afterwards
+        # the augmentation is a function of (seed, epoch, index), whichever process or worker
+        # loads the image; the global RNGs timm draws from are put back afterwards
         state = random.getstate()
         try:
             with torch.random.fork_rng():
-                seed = int(np.random.default_rng(key).integers(2**31))
+                seed = int(key_rng(i).integers(2**31))
                 random.seed(seed)
                 torch.manual_seed(seed)
                 return self.transform(im), int(self.split.labels[i])

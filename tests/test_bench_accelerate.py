@@ -8,6 +8,7 @@ with gloo. The test checks that it really ran two."""
 
 import json
 import os
+import pickle
 import shutil
 import socket
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from benchmarks.demo_data import write_medmnist
-from benchmarks.images import EpochRandomSampler, ImageDataset
+from benchmarks.images import EpochRandomSampler, ImageDataset, SampleKey
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,17 +37,19 @@ def test_training_flips_are_a_function_of_the_sampler_key():
     split = load_dataset("demo:4").splits["train"]
     ds = ImageDataset(split, 16, (0.5,) * 3, (0.5,) * 3, train=True)
     torch.manual_seed(0)
-    a = [ds[(i, 0, 1)][0] for i in range(len(ds))]
+    a = [ds[SampleKey(i, 0, 1)][0] for i in range(len(ds))]
     torch.manual_seed(123)  # another global RNG state, another order: the same images
-    b = {i: ds[(i, 0, 1)][0] for i in reversed(range(len(ds)))}
+    b = {i: ds[SampleKey(i, 0, 1)][0] for i in reversed(range(len(ds)))}
     assert all(torch.equal(a[i], b[i]) for i in range(len(ds)))
     plain = ImageDataset(split, 16, (0.5,) * 3, (0.5,) * 3)[0][0]
-    flipped = sum(not torch.equal(ds[(0, 0, e)][0], plain) for e in range(1, 41))
+    flipped = sum(not torch.equal(ds[SampleKey(0, 0, e)][0], plain) for e in range(1, 41))
     assert 5 < flipped < 35  # about half of the epochs flip image 0
     sampler = EpochRandomSampler(6, torch.Generator().manual_seed(0), seed=7)
     first, second = list(sampler), list(sampler)
-    assert {k[2] for k in first} == {1} and {k[2] for k in second} == {2} and {k[1] for k in first} == {7}
-    assert sorted(k[0] for k in first) == list(range(6)) and first != second
+    assert {k.epoch for k in first} == {1} and {k.epoch for k in second} == {2} and {k.seed for k in first} == {7}
+    assert sorted(first) == list(range(6)) and first != second
+    assert torch.arange(6)[first[0]] == int(first[0])  # any dataset indexes with a key as an int
+    assert pickle.loads(pickle.dumps(first[0])).epoch == 1  # keys travel to loader workers
 
 
 @pytest.mark.slow  # two launched processes importing torch: about a minute on 2 shared cores
