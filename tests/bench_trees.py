@@ -41,7 +41,9 @@ def write_mimic_cxr(root: Path, train_patients: int = 6, test_patients: int = 3,
             (folder.parent / f"s{study}.txt").write_text(text)
             for view in ("PA", "LATERAL"):
                 dicom = f"{subject}-{study}-{view.lower()}"
-                Image.new("L", (size + 4, size), 40 + 20 * p + 5 * s).save(folder / f"{dicom}.jpg")
+                level = 30 + (37 * p + 11 * s) % 160  # a grey ramp per study, inside 0..255
+                ramp = bytes(min(255, level + 2 * x) for _ in range(size) for x in range(size + 4))
+                Image.frombytes("L", (size + 4, size), ramp).save(folder / f"{dicom}.jpg")
                 split_rows.append({"dicom_id": dicom, "study_id": study, "subject_id": subject,
                                    "split": split})
                 meta_rows.append({"dicom_id": dicom, "subject_id": subject, "study_id": study,
