@@ -117,10 +117,13 @@ OVERRIDES = ("epochs", "lr", "weight_decay", "batch_size", "image_size", "patien
 
 
 def _overrides(args) -> dict:
-    return {k: getattr(args, k) for k in OVERRIDES if getattr(args, k, None) not in (None, False)}
+    # `is` tests: 0 == False, and --patience 0 / --warmup-epochs 0 are values, not "unset"
+    return {k: v for k in OVERRIDES if (v := getattr(args, k, None)) is not None and v is not False}
 
 
 def cmd_run(args) -> int:
+    from accelerate import PartialState
+
     from .models import method_names
     from .train import RunConfig
 
@@ -133,6 +136,8 @@ def cmd_run(args) -> int:
                                  data_fraction=fraction, pretrained=args.pretrained, weights=args.weights,
                                  out=args.out, split_seed=args.split_seed, **_overrides(args)))
     results, notes = run_many(configs, resume=args.resume)
+    if PartialState._shared_state and not PartialState().is_main_process:
+        return 0  # under `accelerate launch`: the main process reports (and saved) the results
     for r in results:
         t = r["metrics"]["test"]
         print(f"{r['method']['label']:<24} {r['dataset']['name']:<12} seed {r['config']['seed']}: "
@@ -142,10 +147,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_table(args) -> int:
+    from .reproduce.figure2 import write_figure2
     from .reproduce.table4 import load_generation, write_table4
     from .table import write_tables
 
-    generation = write_table4(args.dir, args.out) if load_generation(args.dir) else []  # Table 4
+    generation = ([*write_table4(args.dir, args.out), *write_figure2(args.dir, args.out)]  # Table 4, Figure 2
+                  if load_generation(args.dir) else [])
     try:
         files = write_tables(args.dir, args.metric, args.out)
     except FileNotFoundError:

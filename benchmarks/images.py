@@ -104,8 +104,11 @@ class ImageDataset:
     """A torch map-style dataset over one split: (image (3, S, S) float, label) pairs.
 
     Images are resized (bilinear, to a square) and normalised with the model's mean/std;
-    `train=True` adds a random horizontal flip (torch's RNG, so seeded runs repeat). Resized
-    images are cached as uint8 when the whole split fits in `cache_bytes` (default 1 GiB)."""
+    `train=True` adds a random horizontal flip. Indexed with EpochRandomSampler's SampleKeys, the
+    flip is a function of (seed, epoch, index) alone, so it does not depend on which process or
+    loader worker reads the image (`accelerate launch` with several processes flips what one
+    process would); a plain int index draws from torch's RNG. Resized images are cached as uint8
+    when the whole split fits in `cache_bytes` (default 1 GiB)."""
 
     def __init__(self, split: Split, image_size: int, mean, std, train: bool = False,
                  cache_bytes: int = 1 << 30):
@@ -138,6 +141,44 @@ class ImageDataset:
         import torch
 
         x = torch.from_numpy(self.pixels(i).copy()).permute(2, 0, 1).float().div_(255)  # (3, S, S)
-        if self.train and torch.rand(()) < 0.5:
-            x = x.flip(-1)
+        if self.train:
+            u = key_rng(i).random() if isinstance(i, SampleKey) else torch.rand(()).item()
+            if u < 0.5:
+                x = x.flip(-1)
         return (x - self.mean) / self.std, int(self.split.labels[i])
+
+
+class SampleKey(int):
+    """A dataset index that also carries the run seed and the epoch: any dataset indexes with it as
+    an int; augmenting datasets draw from key_rng(key) instead of a process's global RNG."""
+
+    def __new__(cls, index: int, seed: int, epoch: int) -> SampleKey:
+        key = super().__new__(cls, index)
+        key.seed, key.epoch = seed, epoch
+        return key
+
+    def __reduce__(self):  # pickled to loader workers with its seed and epoch
+        return SampleKey, (int(self), self.seed, self.epoch)
+
+
+def key_rng(key: SampleKey) -> np.random.Generator:
+    return np.random.default_rng((key.seed, key.epoch, int(key)))
+
+
+class EpochRandomSampler:
+    """A seeded shuffle yielding SampleKeys: the training loader's sampler. The order comes from
+    `generator` (accelerate keeps it in step across processes and shards the batches); the keys
+    let a dataset draw a sample's augmentation from (seed, epoch, index) alone."""
+
+    def __init__(self, n: int, generator, seed: int):
+        self.n, self.generator, self.seed, self.epoch = n, generator, seed, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import torch
+
+        self.epoch += 1
+        for i in torch.randperm(self.n, generator=self.generator).tolist():
+            yield SampleKey(i, self.seed, self.epoch)

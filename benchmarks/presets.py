@@ -36,8 +36,11 @@ DATASETS = {
     "ham10000": Dataset("ham10000", "imagefolder:{root}/ham10000",
                         "HAM10000: ham10000/<dx class: akiec,bcc,bkl,df,mel,nv,vasc>/*.jpg"),
     "fitzpatrick17k": Dataset("fitzpatrick17k", "csv:{root}/fitzpatrick17k/labels.csv",
-                              "Fitzpatrick17k: labels.csv with path,label rows (images beside it)"),
-    "smdg": Dataset("smdg", "imagefolder:{root}/smdg", "SMDG-19 fundus images: smdg/<class>/*"),
+                              "Fitzpatrick17k: labels.csv with path,label rows, written from the download "
+                              "by `python -m benchmarks.datasets fitzpatrick17k DIR --out ...`"),
+    "smdg": Dataset("smdg", "csv:{root}/smdg/labels.csv",
+                    "SMDG-19: labels.csv with path,label rows, written from the Kaggle download by "
+                    "`python -m benchmarks.datasets smdg DIR --out ...`"),
     "covid19-ct": Dataset("covid19-ct", "imagefolder:{root}/covid19-ct",
                           "COVID19-CT: covid19-ct/{covid,noncovid}/*"),
     "chaoyang": Dataset("chaoyang", "csv:{root}/chaoyang/labels.csv",

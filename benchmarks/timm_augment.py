@@ -27,7 +27,23 @@ class TimmImageDataset:
         return len(self.split)
 
     def __getitem__(self, i: int):
-        from .images import to_rgb
+        import random
+
+        import torch
+
+        from .images import SampleKey, key_rng, to_rgb
 
         im = to_rgb(self.split.store.image(int(self.split.indices[i])))
-        return self.transform(im), int(self.split.labels[i])
+        if not isinstance(i, SampleKey):
+            return self.transform(im), int(self.split.labels[i])
+        # the augmentation is a function of (seed, epoch, index), whichever process or worker
+        # loads the image; the global RNGs timm draws from are put back afterwards
+        state = random.getstate()
+        try:
+            with torch.random.fork_rng():
+                seed = int(key_rng(i).integers(2**31))
+                random.seed(seed)
+                torch.manual_seed(seed)
+                return self.transform(im), int(self.split.labels[i])
+        finally:
+            random.setstate(state)

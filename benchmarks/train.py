@@ -30,7 +30,7 @@ from peftvision.progress import enabled as progress_enabled
 from .data import load_dataset, spec_name, stratified_subset
 from .heads import HEADS, set_head
 from .heartbeat import Heartbeat
-from .images import DataError, ImageDataset
+from .images import DataError, EpochRandomSampler, ImageDataset
 from .metrics import classification_metrics
 from .models import (
     build_model,
@@ -137,7 +137,10 @@ def _loader(dataset, cfg: RunConfig, shuffle: bool, seed: int, train: bool = Fal
     # epoch, as batches are shuffled). Other last batches, and evaluation, keep every sample.
     micro_batch = cfg.batch_size // cfg.accumulation_steps
     drop_last = train and len(dataset) > 1 and len(dataset) % micro_batch == 1
-    return torch.utils.data.DataLoader(dataset, batch_size=micro_batch, shuffle=shuffle,
+    # training: (index, seed, epoch) keys, so a sample's flip does not depend on the process
+    sampler = EpochRandomSampler(len(dataset), g, seed) if train and shuffle else None
+    return torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler,
+                                       shuffle=shuffle and sampler is None,
                                        drop_last=drop_last, num_workers=cfg.num_workers, generator=g,
                                        persistent_workers=cfg.num_workers > 0,  # keeps their caches
                                        pin_memory=torch.cuda.is_available())

@@ -89,3 +89,15 @@ def test_demo_grid_covers_every_classification_method():
     classify = {n for n, i in pv.methods().items() if {"vit", "resnet"} & set(i.architectures)}
     assert classify <= labels and {"bias+norm+attention", "lora+bias"} <= labels
     assert all(r.pretrained is False and r.dataset == "demo" for r in runs)
+
+
+def test_zero_valued_training_options_are_passed_not_dropped(monkeypatch):
+    # regression: `--patience 0` (no early stopping) and `--warmup-epochs 0` were dropped as if
+    # unset, because 0 == False, so the runs used patience 5 and one warmup epoch
+    import benchmarks.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "run_many", lambda configs, resume=False: (seen.extend(configs), ([], []))[1])
+    main(["run", "--dataset", "demo", "--model", "tiny-vit", "--method", "lora", "--no-pretrained",
+          "--patience", "0", "--warmup-epochs", "0", "--epochs", "3"])
+    assert [(c.patience, c.warmup_epochs, c.epochs) for c in seen] == [(0, 0, 3)]

@@ -92,3 +92,75 @@ def test_rsna_pneumonia_missing_dicom_is_named(tmp_path):
     (src / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\npx,,,,,0\n")
     with pytest.raises(DataError, match=r"1 DICOM file.*px\.dcm"):
         to_csv(src, tmp_path / "out" / "labels.csv")
+
+
+def test_fitzpatrick17k_published_layout_becomes_a_csv_dataset(tmp_path, capsys):
+    from tests.bench_trees import write_fitzpatrick17k
+
+    src = write_fitzpatrick17k(tmp_path / "download", per_class=4, absent=1)
+    out = tmp_path / "data" / "fitzpatrick17k" / "labels.csv"
+    assert main(["fitzpatrick17k", str(src), "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "1 row(s) without an image left out (11 kept)" in captured.err
+    data = load_dataset(f"csv:{out}", val_fraction=0.1, test_fraction=0.15)
+    assert data.classes == ["benign", "malignant", "non-neoplastic"]
+    assert sum(len(s) for s in data.splits.values()) == 11
+    assert main(["fitzpatrick17k", str(src), "--out", str(out), "--label-column", "label"]) == 0
+    assert load_dataset(f"csv:{out}").classes == ["basal cell carcinoma", "psoriasis", "seborrheic keratosis"]
+
+
+def test_fitzpatrick17k_without_images_or_csv_is_named(tmp_path):
+    from benchmarks.datasets import fitzpatrick17k
+    from tests.bench_trees import write_fitzpatrick17k
+
+    with pytest.raises(DataError, match="fitzpatrick17k.csv not found"):
+        fitzpatrick17k.to_csv(tmp_path, tmp_path / "x.csv")
+    src = write_fitzpatrick17k(tmp_path / "d")
+    for p in src.rglob("*.jpg"):
+        p.unlink()
+    with pytest.raises(DataError, match="none of the 12 images"):
+        fitzpatrick17k.to_csv(src, tmp_path / "x.csv")
+
+
+def test_smdg_published_layout_becomes_a_csv_dataset(tmp_path):
+    from tests.bench_trees import write_smdg
+
+    src = write_smdg(tmp_path / "download", per_type=3)
+    out = tmp_path / "data" / "smdg" / "labels.csv"
+    assert main(["smdg", str(src), "--out", str(out)]) == 0
+    data = load_dataset(f"csv:{out}", val_fraction=0.1, test_fraction=0.15)
+    assert data.classes == ["glaucoma", "non-glaucoma", "suspect"]
+    assert sum(len(s) for s in data.splits.values()) == 9
+    assert main(["smdg", str(src), "--out", str(out), "--no-suspects"]) == 0
+    assert load_dataset(f"csv:{out}").classes == ["glaucoma", "non-glaucoma"]
+    with pytest.raises(SystemExit):  # an option of another dataset is refused, not ignored
+        main(["ham10000", str(src), "--out", str(out), "--no-suspects"])
+
+
+def test_smdg_missing_image_and_bad_type_are_named(tmp_path):
+    from benchmarks.datasets import smdg
+    from tests.bench_trees import write_smdg
+
+    src = write_smdg(tmp_path / "d")
+    next(src.rglob("*.png")).unlink()
+    with pytest.raises(DataError, match="1 image.* not found"):
+        smdg.to_csv(src, tmp_path / "x.csv")
+    meta = src / "metadata - standardized.csv"
+    meta.write_text(meta.read_text().replace(",-1,", ",2,", 1))
+    with pytest.raises(DataError, match="is not 0, 1 or -1"):
+        smdg.to_csv(src, tmp_path / "x.csv")
+
+
+def test_reproduce_reads_the_converted_layouts_under_data_root(tmp_path):
+    from benchmarks.presets import missing_data
+    from benchmarks.reproduce.cli import dataset_specs
+    from tests.bench_trees import write_smdg
+
+    root = tmp_path / "data"
+    specs = dataset_specs(["fitzpatrick17k", "smdg", "mimic-cxr"], str(root), {})
+    assert specs == {"fitzpatrick17k": f"csv:{root}/fitzpatrick17k/labels.csv",
+                     "smdg": f"csv:{root}/smdg/labels.csv", "mimic-cxr": f"mimic-cxr:{root}/mimic-cxr"}
+    assert set(missing_data(specs)) == set(specs)
+    main(["smdg", str(write_smdg(tmp_path / "download")), "--out", str(root / "smdg" / "labels.csv")])
+    assert set(missing_data(specs)) == {"fitzpatrick17k", "mimic-cxr"}
+    assert load_dataset(specs["smdg"]).num_classes == 3

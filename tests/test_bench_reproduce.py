@@ -114,7 +114,8 @@ def test_table4_mimic_cxr_unet_three_volumes_four_seeds_fid_1000():
     assert {r["extra"]["train_images"] for r in runs} == {110_000, 55_000, 11_000}
     assert {r["extra"]["fid_images"] for r in runs} == {1000}
     assert {r["label"]: r["options"] for r in runs}["lora"] == {"r": 4}
-    assert d["runnable"]  # says why it only prints
+    assert {r["extra"]["train_pool"] for r in runs} == {110_000}
+    assert d["runnable"] is None  # the MIMIC-CXR loader exists: the grid runs
 
 
 def test_shpeft_grids_sgd_64_cosine_40k_iterations_l2_head():

@@ -2,6 +2,8 @@
 
     imagefolder-with-captions:PATH   PATH/captions.csv (or PATH itself a .csv) with columns
                                      image_path,text_caption,label; image_path relative to the csv
+    mimic-cxr:ROOT                   MIMIC-CXR-JPG + reports (benchmarks/datasets/mimic_cxr.py):
+                                     impression prompts, PhysioNet's patient split
     demo                             generated coloured shapes with templated captions (no files)
 
 Images become (3, S, S) float tensors in [-1, 1] (what the VAE expects): the shorter side resized
@@ -32,6 +34,7 @@ class Record:
     image: Path | Image.Image  # a file, or an in-memory image (demo)
     caption: str
     label: str
+    group: str | None = None  # records of one group (a patient) stay on one side of a split
 
 
 def read_captions(source: str | Path) -> list[Record]:
@@ -100,7 +103,34 @@ def load_records(spec: str) -> list[Record]:
     """`demo` or `imagefolder-with-captions:PATH` (a bare PATH is accepted too)."""
     if spec == "demo":
         return demo_records()
+    if spec.startswith(MIMIC):
+        raise ValueError(f"{spec}: MIMIC-CXR comes with its own split; use load_split")
     return read_captions(spec.removeprefix(PREFIX))
+
+
+MIMIC = "mimic-cxr:"
+
+
+def load_split(spec: str, *, test_fraction: float = 0.2, split_seed: int = 0,
+               train_images: int | None = None, test_images: int | None = None
+               ) -> tuple[list[Record], list[Record], dict]:
+    """(train, test, what the result records about the split) for any spec. MIMIC-CXR: PhysioNet's
+    patient split, `train_images` training images by whole patients, `test_images` (default 1,000)
+    test images; other data: a stratified split by `test_fraction`, capped at the given counts."""
+    if spec.startswith(MIMIC):
+        from ..datasets import mimic_cxr
+
+        train, test, info = mimic_cxr.load(spec.removeprefix(MIMIC), train_images=train_images,
+                                           test_images=1000 if test_images is None else test_images,
+                                           seed=split_seed)
+        as_record = lambda i: Record(i.dicom_id, i.path, i.prompt, i.view, i.subject_id)  # noqa: E731
+        train, test = [as_record(i) for i in train], [as_record(i) for i in test]
+        return train, test, {**split_summary(train, test, None, split_seed), **info}
+    train, test = stratified_split(load_records(spec), test_fraction, split_seed)
+    rng = random.Random(split_seed)  # a seeded sample, not the label-ordered head of the list
+    train = train if train_images is None else rng.sample(train, min(train_images, len(train)))
+    test = test if test_images is None else rng.sample(test, min(test_images, len(test)))
+    return train, test, split_summary(train, test, test_fraction, split_seed)
 
 
 # ---- split and tensors ---------------------------------------------------------------------
@@ -124,11 +154,17 @@ def stratified_split(records: list[Record], test_fraction: float = 0.2,
 
 def subset(records: list[Record], fraction: float, seed: int = 0) -> list[Record]:
     """A stratified `fraction` of the training records (round(n·f) per label, at least one), for
-    data-volume sweeps (Dutt et al. Table 4: 110K/55K/11K images); the test split stays fixed."""
+    data-volume sweeps (Dutt et al. Table 4: 110K/55K/11K images); the test split stays fixed.
+    Grouped records (MIMIC-CXR patients): the first round(n·f) of a seeded order of whole groups,
+    so 10% is inside 50% for one seed."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return list(records)
+    if records and records[0].group is not None:
+        from ..datasets.mimic_cxr import group_prefix
+
+        return group_prefix(records, max(1, round(fraction * len(records))), seed, lambda r: r.group)
     by_label: dict[str, list[Record]] = defaultdict(list)
     for rec in records:
         by_label[rec.label].append(rec)
@@ -141,7 +177,7 @@ def subset(records: list[Record], fraction: float, seed: int = 0) -> list[Record
     return out
 
 
-def split_summary(train: list[Record], test: list[Record], test_fraction: float, seed: int) -> dict:
+def split_summary(train: list[Record], test: list[Record], test_fraction: float | None, seed: int) -> dict:
     """What the result JSON records about the split (the test list's sha256 identifies it)."""
     keys = "\n".join(sorted(r.name for r in test)).encode()
     return {"seed": seed, "test_fraction": test_fraction, "n_train": len(train), "n_test": len(test),

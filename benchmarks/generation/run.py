@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="tiny | Hub id | DIR with unet/ vae/ "
                    "text_encoder/ tokenizer/ scheduler/ (default: tiny)")
     p.add_argument("--data", default="demo", help="demo | imagefolder-with-captions:PATH "
-                   "(PATH/captions.csv: image_path,text_caption,label)")
+                   "(PATH/captions.csv: image_path,text_caption,label) | mimic-cxr:ROOT "
+                   "(MIMIC-CXR-JPG + reports)")
     p.add_argument("--method", default="lora", help="a peftvision method, several joined by '+' "
                    "(e.g. bias+norm+attention), or 'none' to sample the base model")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -50,6 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="held-out real images for FID (stratified split, --split-seed)")
     p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=None,
+                   help="training pool size before --fraction (MIMIC-CXR: whole patients, e.g. "
+                        "110000 for Dutt et al. Table 4; default all)")
+    p.add_argument("--test-images", type=int, default=None,
+                   help="held-out images for FID (default: MIMIC-CXR 1000 of its test split, "
+                        "else all of --test-fraction)")
+    p.add_argument("--figure-samples", type=int, default=8,
+                   help="first prompts whose images are kept for the Figure 2 grid")
     p.add_argument("--fraction", type=float, default=1.0,
                    help="share of the training split used (stratified, --seed); the test split stays")
     p.add_argument("--fid-features", choices=("auto", "inception", "offline"), default="auto",
@@ -101,7 +110,30 @@ def parse_method(method: str, options: list[str]) -> tuple[list[str], list, dict
 
 
 def dataset_name(spec: str) -> str:
+    if spec.startswith(gdata.MIMIC):
+        return "mimic-cxr"
     return "demo" if spec == "demo" else Path(spec.removeprefix(gdata.PREFIX)).resolve().name
+
+
+def save_samples(fake: torch.Tensor, real: torch.Tensor, prompts: list[str], run_dir: Path,
+                 k: int) -> list[dict]:
+    """The first k generated images (and the real test image each prompt came from) as PNGs under
+    run_dir/samples/, with their prompts: what `reproduce table4` lays out as Figure 2. Image i
+    has prompt i and the i-th draw of the run seed's generator, so runs with one seed and one
+    test split share prompts and starting noise across methods."""
+    from PIL import Image
+
+    out = []
+    (run_dir / "samples").mkdir(exist_ok=True)
+    for i in range(min(k, len(fake))):
+        files = {}
+        for kind, images in (("generated", fake), ("real", real)):
+            if i < len(images):
+                rel = f"samples/{kind}_{i:03d}.png"
+                Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(run_dir / rel)  # (S, S, 3)
+                files[kind] = rel
+        out.append({"index": i, "prompt": prompts[i], **files})
+    return out
 
 
 def run_dir_name(args: argparse.Namespace, names: list[str]) -> str:
@@ -118,9 +150,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     names, configs, options = parse_method(args.method, args.option)
 
-    records = gdata.load_records(args.data)
-    train_set, test_set = gdata.stratified_split(records, args.test_fraction, args.split_seed)
+    train_set, test_set, split = gdata.load_split(
+        args.data, test_fraction=args.test_fraction, split_seed=args.split_seed,
+        train_images=args.train_images, test_images=args.test_images)
+    pool = len(train_set)
     train_set = gdata.subset(train_set, args.fraction, args.seed)
+    split.update(gdata.split_summary(train_set, test_set, split["test_fraction"], args.split_seed),
+                 n_train_pool=pool)
     c = load_components(args.model, args.image_size or 32)
     vae_factor = 2 ** (len(c.vae.config.block_out_channels) - 1)
     size = args.image_size or c.unet.config.sample_size * vae_factor
@@ -160,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.out) / run_dir_name(args, names)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_grid(fake[:64], run_dir / "samples.png")
+    samples = save_samples(fake, real, prompts, run_dir, args.figure_samples)
     adapter = {"run": run_dir.name, "path": None, "bytes": None}
     if names != ["none"]:
         pv.save_adapter(c.unet, run_dir, tags=["peftvision-benchmark", "text-to-image"],
@@ -176,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "configs": {m.name: m.config.to_dict() for m in recorded.methods} if recorded
                    else {m.name: m.to_dict() for m in configs}},
         "dataset": {"spec": args.data, "name": dataset_name(args.data),
-                    "split": gdata.split_summary(train_set, test_set, args.test_fraction, args.split_seed)},
+                    "split": split},
         "model": {"name": args.model, "pretrained": args.model != "tiny", "image_size": size,
                   "base_parameters": {k: sum(p.numel() for p in getattr(c, k).parameters())
                                       for k in ("unet", "vae", "text_encoder")}},
@@ -185,6 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "final_loss": losses[-1] if losses else None,
                     "mean_loss_last_10": sum(losses[-10:]) / len(losses[-10:]) if losses else None},
         "history": {"train_loss": losses},
+        "samples": samples,  # Figure 2: the first prompts' images, the same for every method
         "peak_memory": results.peak_memory(device),
         "train_time_s": train_s, "sample_time_s": sample_s, "fid_time_s": fid_s,
         "adapter": adapter,

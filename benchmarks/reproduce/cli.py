@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from . import GRIDS
 from .grid import Grid, Run
@@ -19,7 +18,15 @@ EXTRA_DATASETS = {
     "rsna-pneumonia": ("csv:{root}/rsna-pneumonia/labels.csv",
                        "RSNA Pneumonia: labels.csv + images/ written by `python -m benchmarks.datasets "
                        "rsna-pneumonia DOWNLOAD_DIR --out ROOT/rsna-pneumonia/labels.csv`"),
-    "mimic-cxr": ("mimic-cxr:{root}/mimic-cxr", "MIMIC-CXR-JPG with reports (text-to-image)"),
+    "fitzpatrick17k": ("csv:{root}/fitzpatrick17k/labels.csv",
+                       "Fitzpatrick17k: labels.csv written by `python -m benchmarks.datasets fitzpatrick17k "
+                       "DOWNLOAD_DIR --out ROOT/fitzpatrick17k/labels.csv` (fitzpatrick17k.csv + <md5hash>.jpg)"),
+    "smdg": ("csv:{root}/smdg/labels.csv",
+             "SMDG-19: labels.csv written by `python -m benchmarks.datasets smdg DOWNLOAD_DIR --out "
+             "ROOT/smdg/labels.csv` ('metadata - standardized.csv' + full-fundus/)"),
+    "mimic-cxr": ("mimic-cxr:{root}/mimic-cxr", "MIMIC-CXR-JPG with the reports, as PhysioNet publishes "
+                  "them: mimic-cxr/{mimic-cxr-2.0.0-split.csv.gz, mimic-cxr-2.0.0-metadata.csv.gz, "
+                  "files/pXX/pID/sSTUDY/*.jpg, files/pXX/pID/sSTUDY.txt}"),
 }
 
 
@@ -133,44 +140,49 @@ def run_config(r: Run, spec: str, args):
 
 
 def execute(grid: Grid, specs: dict, args) -> list[str]:
-    """Every run: fixed lr through run_many, "hpo" cells through one Optuna study each."""
+    """Every run: fixed lr through run_many, text-to-image through generate, "hpo" cells through
+    one Optuna study each (sweep.py); --search-only runs the searches alone."""
     from ..cli import run_many
-    from ..hpo import run_hpo
-    from ..results import RESULT_NAME, slug
+    from .sweep import search_cells
 
     notes = []
-    fixed = [r for r in grid.runs if r.lr != "hpo"]
-    if fixed:
-        _, more = run_many([run_config(r, specs[r.dataset], args) for r in fixed], resume=args.resume)
-        notes += more
-    cells: dict[tuple, list[Run]] = {}
-    for r in grid.runs:
-        if r.lr == "hpo":
-            cells.setdefault(r.cell, []).append(r)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    for i, (cell, runs) in enumerate(cells.items(), 1):
-        name = slug("__".join([cell[0], cell[1], cell[2], f"f{cell[3]:g}"]))
-        base = dataclasses.replace(run_config(runs[0], specs[runs[0].dataset], args),
-                                   out=str(Path(args.out) / name))
-        seeds = [r.seed for r in runs]
-        if args.resume and all(any((Path(base.out) / f"seed{s}").rglob(RESULT_NAME)) for s in seeds):
-            print(f"[cell {i}/{len(cells)}] exists, skipped: {base.out}")
-            continue
-        print(f"[cell {i}/{len(cells)}] {name}: lr search, {runs[0].hpo_trials} trials, then seeds {seeds}",
-              flush=True)
-        run_hpo(base, trials=runs[0].hpo_trials or 20, total_trials=runs[0].hpo_trials or 20,
-                storage=f"sqlite:///{Path(args.out).resolve() / 'hpo.db'}", study_name=name, seeds=seeds)
+    generation = [r for r in grid.runs if r.task == "text-to-image"]
+    fixed = [r for r in grid.runs if r.lr != "hpo" and r.task == "classification"]
+    if args.search_only:
+        if generation or fixed:
+            notes.append(f"--search-only: {len(generation) + len(fixed)} run(s) without a search "
+                         "left for a run without --search-only")
+    else:
+        if generation:
+            from .text_to_image import execute_generation
+
+            execute_generation(generation, specs, args)
+        if fixed:
+            _, more = run_many([run_config(r, specs[r.dataset], args) for r in fixed], resume=args.resume)
+            notes += more
+    search_cells(grid, specs, args, run_config)
     return notes
 
 
-def finish(grid: Grid, out: str, notes: list[str]) -> int:
+def finish(grid: Grid, out: str, notes: list[str], args) -> int:
     from ..plot import write_plots
     from ..table import write_tables
     from .outputs import write_outputs
 
-    files = write_tables(out)
-    print(files["markdown"].read_text())
-    written = [*files.values(), *write_plots(out), *write_outputs(grid.output, out)]
+    if args.search_only:
+        print("\n".join(f"note: {n}" for n in notes))
+        from ..hpo import _redact
+        from .sweep import storage_for
+
+        print(f"search done on {_redact(storage_for(args))}; when every worker has "
+              f"finished, run the same command without --search-only to retrain and make the table")
+        return 0
+    if grid.output == "table4":  # text-to-image: Table 4 and the Figure 2 grids only
+        written = write_outputs(grid.output, out)
+    else:
+        files = write_tables(out)
+        print(files["markdown"].read_text())
+        written = [*files.values(), *write_plots(out), *write_outputs(grid.output, out)]
     for n in notes:
         print(f"note: {n}")
     print("\n".join(f"wrote {p}" for p in written))
@@ -188,6 +200,11 @@ def cmd_reproduce(args) -> int:
     specs = dataset_specs(sorted({r.dataset for r in grid.runs}), args.data_root, given)
     if args.dry_run:
         return dry_run(grid, specs, args.json)
+    if args.status:
+        from .sweep import status, storage_for
+
+        print(status(grid, storage_for(args)))
+        return 0
     if grid.runnable:
         print(f"{grid.name}: {grid.runnable}", file=sys.stderr)
         return 2
@@ -201,7 +218,7 @@ def cmd_reproduce(args) -> int:
               + "\n".join(lines), file=sys.stderr)
         return 2
     notes = execute(grid, specs, args)
-    return finish(grid, args.out, notes)
+    return finish(grid, args.out, notes, args)
 
 
 def add_reproduce_parser(sub) -> argparse.ArgumentParser:
@@ -219,6 +236,11 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the grid, run nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: the grid as JSON")
     p.add_argument("--resume", action="store_true", help="skip runs and cells whose results exist")
+    p.add_argument("--storage", help="Optuna storage of the lr searches (default sqlite:///OUT/hpo.db); "
+                   "postgresql://USER@HOST/DB spreads a sweep over machines (docs/hpo.md)")
+    p.add_argument("--search-only", action="store_true",
+                   help="a sweep worker: run the lr searches up to each cell's trial count, no retrain")
+    p.add_argument("--status", action="store_true", help="trials per cell on --storage, then exit")
     p.add_argument("--out", help="results directory (default runs/NAME)")
     p.add_argument("--weights-dir", help="local weights: MODEL.safetensors or MODEL/model.safetensors")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
@@ -233,6 +255,10 @@ def add_reproduce_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--patience", type=int)
     g.add_argument("--augment", choices=["paper", "timm"], default="paper",
                    help="paper: resize + flip (default); timm: timm.data.create_transform's recipe")
+    g.add_argument("--fid-images", type=int, help="text-to-image: held-out images for FID (paper 1,000)")
+    g.add_argument("--inference-steps", type=int, help="text-to-image: sampling steps (default 50)")
+    g.add_argument("--fid-features", choices=["auto", "inception", "offline"], default="auto",
+                   help="text-to-image: InceptionV3 (auto: if it loads) or the offline features")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--threads", type=int, help="torch CPU threads")

@@ -76,6 +76,13 @@ CHOICES = (
     Choice("f1", "F1 (averaging not stated)", "macro-F1", "class-balanced, the usual choice "
            "for imbalanced medical sets; our choice, not the paper's statement"),
     Choice("image size", "224 (the encoders' native size)", "224", "ViT-H/14 also at 224"),
+    Choice("fitzpatrick17k labels", "Fitzpatrick17k (which of its label columns is not confirmed here)",
+           "three_partition_label (benign / malignant / non-neoplastic); rows whose image could not "
+           "be downloaded are left out", "the published coarse grouping; `label` (114 conditions) "
+           "with `--label-column label` when converting"),
+    Choice("smdg labels", "SMDG-19 (12,449 images)", "types 0 / 1 / -1 as non-glaucoma / glaucoma / "
+           "suspect: all 12,449 images", "keeping the suspects keeps the stated size; "
+           "`--no-suspects` when converting gives the binary task"),
 )
 
 
@@ -149,8 +156,8 @@ def table4() -> Grid:
                         schedule="constant", epochs=None, steps=20_000, seed=seed, fraction=fraction,
                         split={"patient_groups": True, "test_images": 1000}, head="none", image_size=512,
                         task="text-to-image",
-                        extra={"train_images": round(TABLE4_IMAGES * fraction), "fid_images": 1000,
-                               "prompts": "report impressions"}))
+                        extra={"train_images": round(TABLE4_IMAGES * fraction), "train_pool": TABLE4_IMAGES,
+                               "fid_images": 1000, "prompts": "report impressions"}))
     choices = (
         Choice("table4 methods", "UNet-only PEFT; LoRA 0.8M, SV-Diff 0.22M (Table 4)", "full, "
                "attention, bias, norm, bias+norm+attention, LoRA r=4 on to_q/k/v/out (0.80M), "
@@ -160,12 +167,21 @@ def table4() -> Grid:
         Choice("table4 training", "not confirmed here (steps, lr, batch)", "20k steps, batch 8, lr "
                "1e-4 (1e-5 full), constant", "the common diffusers fine-tuning recipe"),
         Choice("table4 data", "110K/55K/11K training images, FID over 1,000 test images, 4 seeds",
-               "fractions 1.0/0.5/0.1 of a 110K patient-group train split, 1,000 fixed test images, "
-               "seeds 0-3", "as stated"),
+               "PhysioNet's split (by patient): a 110,000-image pool of its train split taken by whole "
+               "patients (split seed 0); 55K and 11K are prefixes of a per-seed patient order, so "
+               "volumes nest; FID on 1,000 images of its test split (one per study), the same for "
+               "every run; seeds 0-3", "no patient is on both sides; nested volumes isolate the "
+               "effect of data volume"),
+        Choice("table4 prompts", "the reports' impression sections", "the IMPRESSION section, "
+               "whitespace collapsed; studies without one are left out", "the paper's prompt; a "
+               "findings fallback would mix two kinds of text"),
+        Choice("table4 views", "not confirmed here", "frontal views only (ViewPosition PA or AP)",
+               "a lateral image beside the same report would pair one prompt with two different-"
+               "looking images"),
+        Choice("figure2", "generated images per method for the same prompts (Figure 2)", "rows = "
+               "methods under the real test image, columns = the first 4 FID prompts; one figure per "
+               "data volume, from its smallest seed", "runs of one seed start from the same noise for "
+               "the same prompt, so rows differ by method only"),
     )
     return Grid("table4", f"{NAME}, Table 4 / Figure 2", "text-to-image on MIMIC-CXR: FID per data "
-                "volume, average FID and rank", tuple(runs), "table4", choices,
-                runnable="the MIMIC-CXR loader (reports as prompts, patient-group split) is not "
-                          "built yet, so this grid only prints; with a captions folder, run a cell as "
-                          "`generate --data imagefolder-with-captions:DIR --fraction F --seeds 0 1 2 3` "
-                          "and render it with `table DIR`")
+                "volume, average FID and rank, image grids per method", tuple(runs), "table4", choices)

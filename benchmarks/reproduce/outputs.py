@@ -3,6 +3,7 @@
     table3   one average rank across encoders (Dutt et al. Table 3: methods ranked per dataset
              and encoder, the ranks averaged over every (encoder, dataset) pair)
     figure3  F1 against trainable parameters, one panel per encoder, marker area ∝ parameters
+    table4   FID per data volume (table4.py) and the Figure 2 image grids (figure2.py)
 """
 
 from __future__ import annotations
@@ -74,9 +75,10 @@ def figure3(rows: list[dict], out: Path) -> list[Path]:
 def write_outputs(kind: str, directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if kind == "table4":
+        from .figure2 import write_figure2
         from .table4 import write_table4
 
-        return write_table4(directory)
+        return write_table4(directory) + write_figure2(directory)
     rows = [row(r) for r in load_results(directory) if r["metrics"]["test"]["macro_f1"] is not None]
     if kind == "table3":
         path = directory / "table3_combined_rank.md"
