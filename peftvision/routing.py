@@ -1,0 +1,339 @@
+"""Per-sample adapter routing: one forward pass where each sample uses its own adapter.
+
+`with adapter_per_sample(model, ["a", "b", None, "a"]): y = model(x)` gives, row by row, what
+running each sample alone with that adapter active (None: the base model) gives.
+
+How: every adapter layer of a named adapter gets a `route` (layers.py's `_gate` calls it). The
+router splits the batch at that layer: the samples of the layer's adapter run its adapted forward,
+the others its base layer, and the outputs are put back in batch order. An additive layer (one
+with `output_delta`: the LoRA family, LoHa, LoKr, TSA) runs its base once on the whole batch and
+its delta on its own samples only (index_select / index_add). A user module whose tensors an
+adapter keeps its own copy of (a head, selected parameters, BatchNorm statistics: named.py's
+banks) runs once per group of samples whose copies differ, with that group's copies installed.
+Sub-batches carry their own list of names, so nested adapters (a's layer around b's) route
+correctly, as do layers that see windows or heads folded into the batch: a leading dimension of
+k·B rows is taken as k consecutive rows per sample (batch-major, as timm's window partition).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .layers import AdapterLayer
+from .named import _base_copy, _check_unmerged, _require, tensor_slots
+from .state import AdapterSet
+from .wrappers import unwrap
+
+_MISSING = object()
+
+
+@contextmanager
+def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Inside the block, sample i of the batch goes through adapter `names[i]` (None: the base
+    model) in one forward pass. Everything is restored on exit, also when the block raises.
+
+    Refused with a clear error: merged adapters, BatchNorm in train mode (its batch statistics
+    couple the samples), VPT unless every sample uses a VPT adapter with the same prompts, and a
+    parent that reads an adapted layer's `.weight` itself (EVA/BEiT's qkv) on a mixed batch."""
+    wrapper, model = model, unwrap(model)
+    found = _require(model, "adapter_per_sample")
+    names = _check_names(found, names)
+    _check_unmerged(model, "adapter_per_sample")
+    _check_batchnorm(model)
+    _check_prompts(model, names)
+    used = set(names) - {None}
+    if any(isinstance(m, AdapterLayer) and m.route is not None for m in model.modules()):
+        raise ConfigError("adapter_per_sample: this model is already routed (nested "
+                          "adapter_per_sample blocks on one model); leave the outer block first")
+    router = Router(tuple(names))
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    was_active = [m.active for m in layers]
+    restore: list[Callable[[], None]] = []
+    try:
+        for layer in layers:
+            layer.active = layer.adapter_name in used
+            if layer.active:
+                layer.route = router
+        restore += _route_banks(model, found, names, router)
+        hook = model.register_forward_pre_hook(router.check_batch, with_kwargs=True)
+        restore.append(hook.remove)
+        yield wrapper
+    finally:
+        for undo in reversed(restore):
+            undo()
+        for layer, active in zip(layers, was_active):
+            layer.__dict__.pop("route", None)
+            layer.active = active
+
+
+class Router:
+    """Routes one batch: a stack of name lists, one per (sub-)batch being computed."""
+
+    def __init__(self, names: tuple[str | None, ...]) -> None:
+        self.stack = [names]
+
+    # -- the batch -------------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str | None, ...]:
+        return self.stack[-1]
+
+    def check_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model: the names list must match the batch it is called on."""
+        x = _first_tensor(args, kwargs)
+        if x is not None and len(self.stack) == 1 and x.dim() and x.shape[0] != len(self.names):
+            raise ConfigError(f"adapter_per_sample got {len(self.names)} adapter names for a batch of "
+                              f"{x.shape[0]} samples; give one name (or None) per sample")
+
+    def rows_per_sample(self, x: Tensor | None, label: str) -> int:
+        """k when `x` holds k consecutive rows per sample (windows or heads folded into the batch)."""
+        batch = len(self.names)
+        if x is None or x.dim() == 0 or x.shape[0] % batch:
+            raise ConfigError(
+                f"adapter_per_sample: {label} got an input with leading dimension "
+                f"{None if x is None else tuple(x.shape)[:1]} for a batch of {batch} names; the names "
+                "list must have one entry per sample, and a routed layer must see the batch in its leading dimension "
+                "(a layer shared by the whole batch, such as a position-bias MLP, cannot be routed)")
+        return x.shape[0] // batch
+
+    @contextmanager
+    def within(self, names: tuple[str | None, ...]) -> Iterator[None]:
+        self.stack.append(names)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+
+    def whole_batch_uses(self, layer: AdapterLayer) -> bool:
+        """For parents that read `layer.weight`: True when every sample uses its adapter, False
+        when none does; a batch that mixes them cannot share one weight."""
+        mine = sum(n == layer.adapter_name for n in self.names)
+        if 0 < mine < len(self.names):
+            raise ConfigError(
+                f"adapter_per_sample: {layer.method_name} of adapter {layer.adapter_name!r} is read "
+                f"as one weight by its parent ({type(layer.weighted_layer).__name__}.weight, e.g. "
+                "timm EVA/BEiT attention runs F.linear on qkv.weight itself), so one batch cannot "
+                "mix samples with and without it. Run those samples in separate batches")
+        return mine == len(self.names)
+
+    # -- an adapter layer (layers.py's _gate) ------------------------------------------------------
+    def __call__(self, layer: AdapterLayer, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        names = self.names
+        mine = [i for i, n in enumerate(names) if n == layer.adapter_name]
+        if not mine:
+            return layer.base_layer(*args, **kwargs)
+        if len(mine) == len(names):
+            return forward(layer, *args, **kwargs)
+        label = f"{layer.method_name or type(layer).__name__} of adapter {layer.adapter_name!r}"
+        x = _first_tensor(args, kwargs)
+        k = self.rows_per_sample(x, label)
+        if layer.output_delta is not None and len(args) == 1 and not kwargs:
+            out = layer.base_layer(x)  # the whole batch; adapters below route themselves
+            rows = _rows(mine, k, x.device)
+            with self.within(tuple(names[i] for i in mine)):
+                delta = layer.output_delta(x.index_select(0, rows))  # (n·k, ...): its samples only
+            return out.index_add(0, rows, delta.to(out.dtype))
+        rest = [i for i, n in enumerate(names) if n != layer.adapter_name]
+        runs = [(mine, lambda *a, **kw: forward(layer, *a, **kw)), (rest, layer.base_layer)]
+        return self.split(runs, args, kwargs, k, label)
+
+    def split(self, runs: list[tuple[list[int], Callable]], args: tuple, kwargs: dict, k: int,
+              label: str) -> Any:
+        """Run each group of samples through its function; outputs back in batch order."""
+        lead = len(self.names) * k
+        outs, order = [], []
+        for idx, fn in runs:
+            rows = _rows(idx, k, _first_tensor(args, kwargs).device)
+            sub_args, sub_kwargs = _select((args, kwargs), rows, lead)
+            with self.within(tuple(self.names[i] for i in idx)):
+                outs.append(fn(*sub_args, **sub_kwargs))
+            order += idx
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))  # sample -> position in `order`
+        return _gather(outs, [len(idx) for idx, _ in runs], inverse, label)
+
+
+# -- user modules holding per-adapter tensors (named.py's banks) --------------------------------------
+def _route_banks(model: nn.Module, found: AdapterSet, names: tuple, router: Router) -> list[Callable]:
+    """Give every module holding banked tensors the right copy per sample; returns the undo steps."""
+    slots = tensor_slots(model)
+    by_module: dict[int, list[str]] = {}
+    for canonical in found.banks:
+        by_module.setdefault(id(slots[canonical][0]), []).append(canonical)
+    undo: list[Callable] = []
+    for canonicals in by_module.values():
+        module = slots[canonicals[0]][0]
+        entry = {c: _installed(slots[c]) for c in canonicals}
+        undo.append(_reinstaller([slots[c] for c in canonicals], list(entry.values())))
+        groups = _groups(found, canonicals, names)  # [(names, {canonical: tensor})]
+        if len(groups) == 1:  # every sample sees the same values: install them once
+            _install_all([slots[c] for c in canonicals], list(groups[0][1].values()))
+            continue
+        undo.append(_override_forward(module, router, groups, {c: slots[c] for c in canonicals}, entry))
+    return undo
+
+
+def _groups(found: AdapterSet, canonicals: list[str], names: tuple) -> list[tuple[set, dict]]:
+    """The used names grouped by bit-equal tensors of one module (LoRA adapters on a ResNet all
+    keep the untouched BatchNorm statistics: one group, no split)."""
+    groups: list[tuple[set, dict]] = []
+    for name in dict.fromkeys(names):
+        tensors = {c: found.banks[c].get(name) if name is not None else None for c in canonicals}
+        tensors = {c: _base_copy(found, c) if t is None else t for c, t in tensors.items()}
+        for members, held in groups:
+            if all(_same(held[c], tensors[c]) for c in canonicals):
+                members.add(name)
+                break
+        else:
+            groups.append(({name}, tensors))
+    return groups
+
+
+def _override_forward(module: nn.Module, router: Router, groups: list, slots: dict, entry: dict) -> Callable:
+    """Replace `module.forward` (an instance attribute, removed on exit) by one that runs each
+    group of samples with that group's tensors installed."""
+    own = module.__dict__.get("forward", _MISSING)
+    original = module.forward
+    label = f"{type(module).__name__} with per-adapter tensors ({', '.join(slots)})"
+
+    def run_with(tensors: dict) -> Callable:
+        def call(*args, **kwargs):
+            _install_all(list(slots.values()), list(tensors.values()))
+            try:
+                return original(*args, **kwargs)
+            finally:
+                _install_all(list(slots.values()), list(entry.values()))
+        return call
+
+    def routed(*args, **kwargs):
+        names = router.names
+        runs = [([i for i, n in enumerate(names) if n in members], run_with(tensors))
+                for members, tensors in groups]
+        runs = [run for run in runs if run[0]]
+        if len(runs) == 1:
+            return runs[0][1](*args, **kwargs)
+        k = router.rows_per_sample(_first_tensor(args, kwargs), label)
+        return router.split(runs, args, kwargs, k, label)
+
+    module.forward = routed
+
+    def undo() -> None:
+        if own is _MISSING:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = own
+    return undo
+
+
+def _reinstaller(slots: list, tensors: list) -> Callable[[], None]:
+    return lambda: _install_all(slots, tensors)
+
+
+def _installed(slot: tuple) -> Tensor:
+    module, attr, is_param = slot
+    return module._parameters[attr] if is_param else module._buffers[attr]
+
+
+def _install_all(slots: list, tensors: list) -> None:
+    for (module, attr, is_param), tensor in zip(slots, tensors):
+        (module._parameters if is_param else module._buffers)[attr] = tensor
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+
+
+# -- checks -----------------------------------------------------------------------------------------
+def _check_names(found: AdapterSet, names: Sequence[str | None]) -> tuple[str | None, ...]:
+    if isinstance(names, str) or not isinstance(names, Sequence) or not names:
+        raise ConfigError(f"adapter_per_sample needs a list with one adapter name (or None) per "
+                          f"sample, got {names!r}; adapters: {list(found.states)}")
+    unknown = sorted({repr(n) for n in names if n is not None and n not in found.states})
+    if unknown:
+        raise ConfigError(f"adapter_per_sample: no adapter named {', '.join(unknown)}; adapters: "
+                          f"{list(found.states)} (None runs a sample through the base model)")
+    return tuple(names)
+
+
+def _check_batchnorm(model: nn.Module) -> None:
+    training = [n for n, m in model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if training:
+        raise ConfigError(f"adapter_per_sample: BatchNorm in train mode ({training[0]}, ...) "
+                          "normalises with the batch's statistics, which couples the samples, so no "
+                          "sample can be computed as if alone; call model.eval() first")
+
+
+def _check_prompts(model: nn.Module, names: tuple) -> None:
+    """VPT adds tokens to the sequence: samples in one batch must all carry the same prompts."""
+    from .methods.vpt import PromptLayer
+    from .methods.vpt_swin import SwinPrompts
+
+    layout: dict[str | None, list] = {n: [] for n in names}
+    for module in model.modules():
+        if isinstance(module, (PromptLayer, SwinPrompts)) and module.adapter_name in layout:
+            layout[module.adapter_name].append((type(module).__name__, module.tokens))
+    kinds = {n: tuple(sorted(v)) for n, v in layout.items()}
+    if any(kinds.values()) and len(set(kinds.values())) > 1:
+        detail = ", ".join(f"{n!r}: {sum(t for _, t in v) if v else 'no'} prompt tokens"
+                           for n, v in layout.items())
+        raise ConfigError(
+            "adapter_per_sample: VPT changes the sequence length by its prompt tokens, so one batch "
+            "can only mix VPT adapters with the same prompt layout, and no sample without VPT "
+            f"({detail}). Run those samples in separate batches")
+
+
+# -- splitting and gathering batches ----------------------------------------------------------------
+def _rows(samples: list[int], k: int, device: torch.device) -> Tensor:
+    """The rows of `samples` in a (B·k, ...) tensor holding k consecutive rows per sample."""
+    idx = torch.tensor(samples, device=device)
+    if k == 1:
+        return idx
+    return (idx[:, None] * k + torch.arange(k, device=device)).reshape(-1)  # (n·k,)
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value
+    return None
+
+
+def _select(value: Any, rows: Tensor, lead: int) -> Any:
+    """`value` with every tensor whose leading dimension is the batch's (`lead` rows) cut to `rows`."""
+    if isinstance(value, Tensor):
+        return value.index_select(0, rows.to(value.device)) if value.dim() and value.shape[0] == lead else value
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_select(v, rows, lead) for v in value)
+    if isinstance(value, list):
+        return [_select(v, rows, lead) for v in value]
+    if isinstance(value, dict):
+        return type(value)({k: _select(v, rows, lead) for k, v in value.items()})
+    return value
+
+
+def _gather(outs: list, sizes: list[int], inverse: Tensor, label: str) -> Any:
+    """The group outputs (each n_g·k rows, in group order) back in batch order."""
+    first = outs[0]
+    if isinstance(first, Tensor):
+        shapes = {tuple(o.shape[1:]) for o in outs}
+        ks = {o.shape[0] // n for o, n in zip(outs, sizes)}
+        if len(shapes) > 1 or len(ks) > 1 or any(o.shape[0] % n for o, n in zip(outs, sizes)):
+            raise ConfigError(
+                f"adapter_per_sample: {label} gives outputs of different shapes for the samples "
+                f"routed through it and the others ({[tuple(o.shape) for o in outs]}), so they cannot "
+                "share one batch; run them in separate batches")
+        k = ks.pop()
+        return torch.cat(outs).index_select(0, _rows(inverse.tolist(), k, first.device))
+    if isinstance(first, tuple) and not hasattr(first, "_fields"):
+        return tuple(_gather([o[j] for o in outs], sizes, inverse, label) for j in range(len(first)))
+    if isinstance(first, list):
+        return [_gather([o[j] for o in outs], sizes, inverse, label) for j in range(len(first))]
+    if isinstance(first, dict):
+        return type(first)({key: _gather([o[key] for o in outs], sizes, inverse, label) for key in first})
+    return first  # None, shapes, flags: the same for every group
