@@ -134,6 +134,33 @@ def test_routed_batch_equals_the_per_sample_loop(family, method, options):
     assert all(not torch.allclose(r, o) for r, o in zip(routed, other))
 
 
+@pytest.mark.parametrize("family,method,options", [
+    ("vit", "lora", {"use_rslora": True, "r": 4}), ("resnet", "lora", {"use_rslora": True, "r": 4}),
+    ("vit", "shpeft", "data"), ("resnet", "spt", "data")])
+@torch.no_grad()
+def test_more_variants_route(family, method, options):
+    """rsLoRA, and the data-chosen sparse methods (SH-PEFT, SPT), chosen from different data."""
+    if options == "data":
+        g = torch.Generator().manual_seed(5)
+        data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g))
+                for _ in range(2)]
+        model = zoo_model(family)
+        with torch.enable_grad():
+            pv.apply(model, method, adapter_name="a", data=data, fraction=0.03)
+            pv.apply(model, method, adapter_name="b", data=data[::-1], fraction=0.03)
+        perturb(model, "a", 1)
+        perturb(model, "b", 2)
+        model.eval()
+    else:
+        model = three_adapters(family, method, options)
+    inputs = batch_inputs(family)
+    with pv.adapter_per_sample(model, PAIR):
+        routed = zoo_run(model, inputs)
+    assert_matches(routed, loop(model, family, inputs, PAIR))
+    other = loop(model, family, inputs, [{"a": "b", "b": None, None: "a"}[n] for n in PAIR])
+    assert all(not torch.allclose(r, o) for r, o in zip(routed, other))
+
+
 @pytest.mark.parametrize("family,method,options", list(cells(unroutable=True)))
 def test_vpt_mixed_with_the_base_model_is_refused(family, method, options):
     model = three_adapters(family, method, options)
