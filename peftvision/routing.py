@@ -77,6 +77,9 @@ class Router:
 
     def __init__(self, names: tuple[str | None, ...]) -> None:
         self.stack = [names]
+        # id(user module) -> (its name groups [(names, {canonical: tensor})], {canonical: slot})
+        # for the modules whose tensors differ between the batch's adapters
+        self.banked: dict[int, tuple[list, dict]] = {}
 
     # -- the batch -------------------------------------------------------------------------------
     @property
@@ -128,7 +131,8 @@ class Router:
         if not mine:
             return layer.base_layer(*args, **kwargs)
         if len(mine) == len(names):
-            return forward(layer, *args, **kwargs)
+            with self.own_tensors(layer):
+                return forward(layer, *args, **kwargs)
         label = f"{layer.method_name or type(layer).__name__} of adapter {layer.adapter_name!r}"
         x = _first_tensor(args, kwargs)
         k = self.rows_per_sample(x, label)
@@ -139,8 +143,30 @@ class Router:
                 delta = layer.output_delta(x.index_select(0, rows))  # (n·k, ...): its samples only
             return out.index_add(0, rows, delta.to(out.dtype))
         rest = [i for i, n in enumerate(names) if n != layer.adapter_name]
-        runs = [(mine, lambda *a, **kw: forward(layer, *a, **kw)), (rest, layer.base_layer)]
+        runs = [(mine, lambda *a, **kw: self.adapted(layer, forward, a, kw)), (rest, layer.base_layer)]
         return self.split(runs, args, kwargs, k, label)
+
+    def adapted(self, layer: AdapterLayer, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        with self.own_tensors(layer):
+            return forward(layer, *args, **kwargs)
+
+    @contextmanager
+    def own_tensors(self, layer: AdapterLayer) -> Iterator[None]:
+        """While `layer` computes for its own samples, the user layer it wraps holds its adapter's
+        copies of banked tensors: DoRA, OFT, SSF on a norm, SV-Diff read that layer's weight or
+        bias themselves instead of calling it (which would route)."""
+        found = self.banked.get(id(layer.weighted_layer))
+        if found is None:
+            yield
+            return
+        groups, slots = found
+        tensors = next(t for members, t in groups if layer.adapter_name in members)
+        before = [_installed(slot) for slot in slots.values()]
+        _install_all(list(slots.values()), list(tensors.values()))
+        try:
+            yield
+        finally:
+            _install_all(list(slots.values()), before)
 
     def split(self, runs: list[tuple[list[int], Callable]], args: tuple, kwargs: dict, k: int,
               label: str) -> Any:
@@ -174,7 +200,7 @@ def _route_banks(model: nn.Module, found: AdapterSet, names: tuple, router: Rout
         if len(groups) == 1:  # every sample sees the same values: install them once
             _install_all([slots[c] for c in canonicals], list(groups[0][1].values()))
             continue
-        undo.append(_override_forward(module, router, groups, {c: slots[c] for c in canonicals}, entry))
+        undo.append(_override_forward(module, router, groups, {c: slots[c] for c in canonicals}))
     return undo
 
 
@@ -194,7 +220,7 @@ def _groups(found: AdapterSet, canonicals: list[str], names: tuple) -> list[tupl
     return groups
 
 
-def _override_forward(module: nn.Module, router: Router, groups: list, slots: dict, entry: dict) -> Callable:
+def _override_forward(module: nn.Module, router: Router, groups: list, slots: dict) -> Callable:
     """Replace `module.forward` (an instance attribute, removed on exit) by one that runs each
     group of samples with that group's tensors installed."""
     own = module.__dict__.get("forward", _MISSING)
@@ -203,11 +229,12 @@ def _override_forward(module: nn.Module, router: Router, groups: list, slots: di
 
     def run_with(tensors: dict) -> Callable:
         def call(*args, **kwargs):
+            before = [_installed(slot) for slot in slots.values()]
             _install_all(list(slots.values()), list(tensors.values()))
             try:
                 return original(*args, **kwargs)
             finally:
-                _install_all(list(slots.values()), list(entry.values()))
+                _install_all(list(slots.values()), before)
         return call
 
     def routed(*args, **kwargs):
@@ -221,6 +248,7 @@ def _override_forward(module: nn.Module, router: Router, groups: list, slots: di
         return router.split(runs, args, kwargs, k, label)
 
     module.forward = routed
+    router.banked[id(module)] = (groups, slots)
 
     def undo() -> None:
         if own is _MISSING:

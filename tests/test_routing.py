@@ -84,7 +84,7 @@ def perturb(model: nn.Module, adapter_name: str, seed: int) -> None:
                 tensor.add_(torch.randn(tensor.shape, generator=g).to(tensor.dtype) * 0.05)
 
 
-def three_adapters(family: str, method: str, options: dict) -> nn.Module:
+def three_adapters(family: str, method: str, options: dict, partner: str | None = None) -> nn.Module:
     model = zoo_model(family)
     try:
         pv.apply(model, method, adapter_name="a", **options)
@@ -93,7 +93,7 @@ def three_adapters(family: str, method: str, options: dict) -> nn.Module:
     perturb(model, "a", 1)
     pv.apply(model, method, adapter_name="b", **options)
     perturb(model, "b", 2)
-    pv.apply(model, PARTNER.get(family, "bias"), adapter_name="c")
+    pv.apply(model, partner or PARTNER.get(family, "bias"), adapter_name="c")
     perturb(model, "c", 3)
     return model.eval()
 
@@ -132,6 +132,20 @@ def test_routed_batch_equals_the_per_sample_loop(family, method, options):
     # every row changes with another adapter (else the test could not see a wrong route)
     other = loop(model, family, inputs, SWAPPED)
     assert all(not torch.allclose(r, o) for r, o in zip(routed, other))
+
+
+@pytest.mark.parametrize("method", ["dora", "oft", "ssf", "svdiff"])
+@torch.no_grad()
+def test_layers_reading_their_wrapped_layer_see_their_adapters_copies(method):
+    """Regression: DoRA, OFT, SSF (on a norm) and SV-Diff read the wrapped layer's weight or bias
+    themselves; with a bias adapter beside them, they once read whichever adapter's bias was
+    installed (the active one's) instead of their own adapter's copy."""
+    model = three_adapters("vit", method, {}, partner="bias")
+    pv.set_adapter(model, "c")
+    inputs = batch_inputs("vit")
+    with pv.adapter_per_sample(model, NAMES):
+        routed = zoo_run(model, inputs)
+    assert_matches(routed, loop(model, "vit", inputs, NAMES))
 
 
 @pytest.mark.parametrize("family,method,options", [
