@@ -3,6 +3,7 @@
     python -m benchmarks.perf.routing                        # ViT-B, 4 LoRA adapters, batch 16
     python -m benchmarks.perf.routing --batch 32 --adapters 8 --repeats 5
     python -m benchmarks.perf.routing --tiny --repeats 1 --warmup 0   # smoke test, seconds
+    python -m benchmarks.perf.routing --markdown docs/performance-routing.md   # the docs page
 
 One seeded timm vit_base_patch16_224 (pretrained=False: random weights time the same), in eval
 mode under no_grad, carries k LoRA adapters (r=8, alpha=8 on every block's qkv Linear, no head
@@ -14,7 +15,8 @@ base model (None / peft's "__base__"). Variants, on the same inputs:
   loop       peftvision, one forward per adapter on that adapter's samples (set_adapter /
              disable_adapters), the outputs put back in batch order: what serving does without routing
   one        peftvision, one adapter active for the whole batch: the floor routing cannot beat
-Before timing, routed, peft and loop outputs are asserted equal (fp32, 1e-5 of the output scale).
+Before timing, routed, peft and loop outputs are asserted equal (fp32, 1e-5 of the output scale)
+and different from `one` on every sample not routed to a0 (the adapters do change the outputs).
 Each round times one forward of every variant, in rotating order, so load on a shared machine
 hits them alike; the median of --repeats rounds after --warmup is printed, with each variant's
 ratio to `one` and to `peft`.
@@ -24,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -128,15 +133,21 @@ def variants(ours: nn.Module, theirs: nn.Module, x: Tensor, names: list) -> dict
             "loop": lambda: loop(ours, x, names), "one": one}
 
 
-def check_equal(runs: dict[str, Callable[[], Tensor]]) -> float:
-    """routed, peft and loop give the same outputs; returns the largest difference found."""
+def check_equal(runs: dict[str, Callable[[], Tensor]], names: list) -> float:
+    """routed, peft and loop give the same outputs, which the adapters do change; returns the
+    largest difference found between them."""
     with torch.no_grad():
-        outs = {k: runs[k]() for k in ("routed", "peft", "loop")}
+        outs = {k: runs[k]() for k in ("routed", "peft", "loop", "one")}
     scale = outs["loop"].abs().max().item()
     worst = 0.0
     for key in ("routed", "peft"):
         torch.testing.assert_close(outs[key], outs["loop"], rtol=1e-5, atol=1e-5 * scale)
         worst = max(worst, (outs[key] - outs["loop"]).abs().max().item())
+    other = [i for i, n in enumerate(names) if n != "a0"]
+    moved = (outs["routed"][other] - outs["one"][other]).flatten(1).abs().amax(dim=1)  # (samples,)
+    if not bool((moved > 100 * worst + 1e-6 * scale).all()):
+        raise AssertionError("some samples routed to another adapter give a0's outputs: the "
+                             "adapters do not change the model, so the comparison shows nothing")
     return worst
 
 
@@ -162,21 +173,58 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tiny", action="store_true", help="a tiny ViT (smoke test)")
+    parser.add_argument("--markdown", help="also write the figures as a markdown page here")
     args = parser.parse_args(argv)
     ours, theirs, size = build(args.tiny, args.adapters, args.r)
     x = torch.randn(args.batch, *size, generator=torch.Generator().manual_seed(2))
     names = mixed_names(args.batch, args.adapters)
     runs = variants(ours, theirs, x, names)
-    worst = check_equal(runs)
+    worst = check_equal(runs, names)
     ms = measure(runs, args.repeats, args.warmup)
     model = "tiny ViT" if args.tiny else "vit_base_patch16_224"
-    print(f"{model}, batch {args.batch} ({args.adapters} LoRA adapters r={args.r} on qkv + base), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"outputs: routed and peft equal the loop (largest difference {worst:.2e})")
-    print(f"{'variant':<8} {'ms':>10} {'vs one':>8} {'vs peft':>8}")
-    for key, value in ms.items():
-        print(f"{key:<8} {value:>10.1f} {value / ms['one']:>8.2f} {value / ms['peft']:>8.2f}")
+    header = (f"{model}, batch {args.batch} ({args.adapters} LoRA adapters r={args.r} on qkv, and the "
+              f"base model, cycling over the samples), torch {torch.__version__}, peft {_peft_version()}, "
+              f"{torch.get_num_threads()} torch thread(s), {_cpu()}; median of {args.repeats} rounds "
+              f"after {args.warmup} warm-up")
+    check = f"routed and peft outputs equal the loop's (largest difference {worst:.2e})"
+    table = ["| variant | ms per forward | vs one | vs peft |", "|---|---:|---:|---:|"]
+    table += [f"| {k} | {v:.1f} | {v / ms['one']:.2f} | {v / ms['peft']:.2f} |" for k, v in ms.items()]
+    print(header)
+    print(check)
+    print("\n".join(table))
+    if args.markdown:
+        command = "python -m benchmarks.perf.routing " + " ".join(argv if argv is not None else sys.argv[1:])
+        Path(args.markdown).write_text(page(header, check, table, command))
     return {"ms": ms, "max_abs_diff": worst, "names": names}
+
+
+def page(header: str, check: str, table: list[str], command: str) -> str:
+    return "\n".join([
+        "# Serving mixed batches: per-sample routing", "",
+        f"Generated by `{command}`; do not edit by hand.", "",
+        "One batch whose samples each use their own adapter (or the base model): peftvision's "
+        "`with pv.adapter_per_sample(model, names): model(x)` against peft's mixed-batch inference "
+        "(`model(x, adapter_names=names)`), a loop of one forward per adapter on its own samples "
+        "(`loop`), and one adapter for the whole batch (`one`, the floor). Eval mode, no_grad, "
+        "random weights (pretrained weights time the same).", "",
+        header + ".", "", check + ".", "", *table, "",
+        "See benchmarks/perf/routing.py for what each variant runs.", ""])
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
+
+
+def _cpu() -> str:
+    device = "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            device = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), device)
+    except OSError:
+        pass
+    return f"{device} ({os.cpu_count()} CPUs)"
 
 
 if __name__ == "__main__":
