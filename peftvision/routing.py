@@ -9,7 +9,7 @@ the others its base layer, and the outputs are put back in batch order. An addit
 with `output_delta`: the LoRA family, LoHa, LoKr, TSA) runs its base once on the whole batch and
 its delta on its own samples only (index_select / index_add). A user module whose tensors an
 adapter keeps its own copy of (a head, selected parameters, BatchNorm statistics: named.py's
-banks) runs once per group of samples whose copies differ, with that group's copies installed.
+banks) runs once per group of samples whose copies differ (routing_banks.py).
 Sub-batches carry their own list of names, so nested adapters (a's layer around b's) route
 correctly, as do layers that see windows or heads folded into the batch: a leading dimension of
 k·B rows is taken as k consecutive rows per sample (batch-major, as timm's window partition).
@@ -26,11 +26,10 @@ from torch import Tensor, nn
 
 from .errors import ConfigError
 from .layers import AdapterLayer
-from .named import _base_copy, _check_unmerged, _require, tensor_slots
+from .named import _check_unmerged, _require
+from .routing_banks import Banks, _first_tensor
 from .state import AdapterSet
 from .wrappers import unwrap
-
-_MISSING = object()
 
 
 @contextmanager
@@ -60,9 +59,11 @@ def adapter_per_sample(model: nn.Module, names: Sequence[str | None]) -> Iterato
             layer.active = layer.adapter_name in used
             if layer.active:
                 layer.route = router
-        restore += _route_banks(model, found, names, router)
-        hook = model.register_forward_pre_hook(router.check_batch, with_kwargs=True)
-        restore.append(hook.remove)
+        router.banks = Banks(model, found, router.names)
+        restore += router.banks.route(router)
+        for hook in (model.register_forward_pre_hook(router.before_model, with_kwargs=True),
+                     model.register_forward_hook(router.after_model)):
+            restore.append(hook.remove)
         yield wrapper
     finally:
         for undo in reversed(restore):
@@ -77,21 +78,25 @@ class Router:
 
     def __init__(self, names: tuple[str | None, ...]) -> None:
         self.stack = [names]
-        # id(user module) -> (its name groups [(names, {canonical: tensor})], {canonical: slot})
-        # for the modules whose tensors differ between the batch's adapters
-        self.banked: dict[int, tuple[list, dict]] = {}
+        self.banks: Banks | None = None  # the per-adapter user tensors (routing_banks.py)
 
     # -- the batch -------------------------------------------------------------------------------
     @property
     def names(self) -> tuple[str | None, ...]:
         return self.stack[-1]
 
-    def check_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the model: the names list must match the batch it is called on."""
         x = _first_tensor(args, kwargs)
         if x is not None and len(self.stack) == 1 and x.dim() and x.shape[0] != len(self.names):
             raise ConfigError(f"adapter_per_sample got {len(self.names)} adapter names for a batch of "
                               f"{x.shape[0]} samples; give one name (or None) per sample")
+        if len(self.stack) == 1:
+            self.banks.reset_calls()
+
+    def after_model(self, module: nn.Module, args: tuple, out: Any) -> None:
+        if len(self.stack) == 1:
+            self.banks.check_used()
 
     def rows_per_sample(self, x: Tensor | None, label: str) -> int:
         """k when `x` holds k consecutive rows per sample (windows or heads folded into the batch)."""
@@ -152,21 +157,11 @@ class Router:
 
     @contextmanager
     def own_tensors(self, layer: AdapterLayer) -> Iterator[None]:
-        """While `layer` computes for its own samples, the user layer it wraps holds its adapter's
-        copies of banked tensors: DoRA, OFT, SSF on a norm, SV-Diff read that layer's weight or
-        bias themselves instead of calling it (which would route)."""
-        found = self.banked.get(id(layer.weighted_layer))
-        if found is None:
+        """While `layer` computes for its own samples, the user layers it wraps hold its adapter's
+        copies of banked tensors: DoRA, OFT, SSF on a norm, SV-Diff read the wrapped layer's
+        weight or bias themselves instead of calling it (which would route)."""
+        with self.banks.installed(self.banks.under(layer.base_layer), layer.adapter_name):
             yield
-            return
-        groups, slots = found
-        tensors = next(t for members, t in groups if layer.adapter_name in members)
-        before = [_installed(slot) for slot in slots.values()]
-        _install_all(list(slots.values()), list(tensors.values()))
-        try:
-            yield
-        finally:
-            _install_all(list(slots.values()), before)
 
     def split(self, runs: list[tuple[list[int], Callable]], args: tuple, kwargs: dict, k: int,
               label: str) -> Any:
@@ -182,98 +177,6 @@ class Router:
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))  # sample -> position in `order`
         return _gather(outs, [len(idx) for idx, _ in runs], inverse, label)
-
-
-# -- user modules holding per-adapter tensors (named.py's banks) --------------------------------------
-def _route_banks(model: nn.Module, found: AdapterSet, names: tuple, router: Router) -> list[Callable]:
-    """Give every module holding banked tensors the right copy per sample; returns the undo steps."""
-    slots = tensor_slots(model)
-    by_module: dict[int, list[str]] = {}
-    for canonical in found.banks:
-        by_module.setdefault(id(slots[canonical][0]), []).append(canonical)
-    undo: list[Callable] = []
-    for canonicals in by_module.values():
-        module = slots[canonicals[0]][0]
-        entry = {c: _installed(slots[c]) for c in canonicals}
-        undo.append(_reinstaller([slots[c] for c in canonicals], list(entry.values())))
-        groups = _groups(found, canonicals, names)  # [(names, {canonical: tensor})]
-        if len(groups) == 1:  # every sample sees the same values: install them once
-            _install_all([slots[c] for c in canonicals], list(groups[0][1].values()))
-            continue
-        undo.append(_override_forward(module, router, groups, {c: slots[c] for c in canonicals}))
-    return undo
-
-
-def _groups(found: AdapterSet, canonicals: list[str], names: tuple) -> list[tuple[set, dict]]:
-    """The used names grouped by bit-equal tensors of one module (LoRA adapters on a ResNet all
-    keep the untouched BatchNorm statistics: one group, no split)."""
-    groups: list[tuple[set, dict]] = []
-    for name in dict.fromkeys(names):
-        tensors = {c: found.banks[c].get(name) if name is not None else None for c in canonicals}
-        tensors = {c: _base_copy(found, c) if t is None else t for c, t in tensors.items()}
-        for members, held in groups:
-            if all(_same(held[c], tensors[c]) for c in canonicals):
-                members.add(name)
-                break
-        else:
-            groups.append(({name}, tensors))
-    return groups
-
-
-def _override_forward(module: nn.Module, router: Router, groups: list, slots: dict) -> Callable:
-    """Replace `module.forward` (an instance attribute, removed on exit) by one that runs each
-    group of samples with that group's tensors installed."""
-    own = module.__dict__.get("forward", _MISSING)
-    original = module.forward
-    label = f"{type(module).__name__} with per-adapter tensors ({', '.join(slots)})"
-
-    def run_with(tensors: dict) -> Callable:
-        def call(*args, **kwargs):
-            before = [_installed(slot) for slot in slots.values()]
-            _install_all(list(slots.values()), list(tensors.values()))
-            try:
-                return original(*args, **kwargs)
-            finally:
-                _install_all(list(slots.values()), before)
-        return call
-
-    def routed(*args, **kwargs):
-        names = router.names
-        runs = [([i for i, n in enumerate(names) if n in members], run_with(tensors))
-                for members, tensors in groups]
-        runs = [run for run in runs if run[0]]
-        if len(runs) == 1:
-            return runs[0][1](*args, **kwargs)
-        k = router.rows_per_sample(_first_tensor(args, kwargs), label)
-        return router.split(runs, args, kwargs, k, label)
-
-    module.forward = routed
-    router.banked[id(module)] = (groups, slots)
-
-    def undo() -> None:
-        if own is _MISSING:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = own
-    return undo
-
-
-def _reinstaller(slots: list, tensors: list) -> Callable[[], None]:
-    return lambda: _install_all(slots, tensors)
-
-
-def _installed(slot: tuple) -> Tensor:
-    module, attr, is_param = slot
-    return module._parameters[attr] if is_param else module._buffers[attr]
-
-
-def _install_all(slots: list, tensors: list) -> None:
-    for (module, attr, is_param), tensor in zip(slots, tensors):
-        (module._parameters if is_param else module._buffers)[attr] = tensor
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
 
 
 # -- checks -----------------------------------------------------------------------------------------
@@ -323,13 +226,6 @@ def _rows(samples: list[int], k: int, device: torch.device) -> Tensor:
     if k == 1:
         return idx
     return (idx[:, None] * k + torch.arange(k, device=device)).reshape(-1)  # (n·k,)
-
-
-def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            return value
-    return None
 
 
 def _select(value: Any, rows: Tensor, lead: int) -> Any:
