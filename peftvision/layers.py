@@ -133,6 +133,15 @@ class AdapterLayer(Adapter):
             layer = layer.base_layer
         return True
 
+    def parent_reads_base(self) -> bool:
+        """For a `weight` property read by a parent that runs the op itself: True when it must
+        see the base weight (merged, inactive, or routed with no sample of the batch using this
+        adapter). Per-sample routing of a batch that mixes this adapter with others raises: one
+        weight read by the parent serves every sample."""
+        if self.merged or not self.active:
+            return True
+        return self.route is not None and not self.route.whole_batch_uses(self)
+
     @property
     def merge_layer(self) -> nn.Module:
         """The user layer whose weight and bias `merge` rewrites: the wrapped layer, unless the
@@ -265,11 +274,7 @@ class AdditiveDeltaLayer(AdapterLayer):
         op themselves (timm EVA and BEiT: F.linear(x, self.qkv.weight, qkv_bias)): they then
         compute the adapted result, with gradients reaching the adapter."""
         weight = self.base_layer.weight  # a nested adapter's own adapted weight
-        if self.merged or not self.active:
-            return weight
-        # routed: the base weight when no sample uses this adapter; a batch that mixes it with
-        # others raises (one weight read by the parent serves every sample)
-        if self.route is not None and not self.route.whole_batch_uses(self):
+        if self.parent_reads_base():
             return weight
         return weight + self.delta_weight().to(weight.dtype)
 

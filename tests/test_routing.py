@@ -22,7 +22,7 @@ from peftvision.targets import detect_architecture
 
 _ensure_builtin_methods()
 FAMILIES = ("vit", "resnet", "unet")
-PARTNER = {"vit": "lora", "resnet": "bias", "unet": "lora"}  # a third adapter of another kind
+PARTNER = {"vit": "lora", "resnet": "bias", "unet": "lora", "swinv2": "layernorm"}  # a third adapter of another kind
 NAMES = ["a", "b", None, "a", "c", "b"]  # three copies of the zoo's batch of 2
 SWAPPED = ["b", "a", "a", None, "b", "c"]  # another adapter for every sample
 PAIR = ["a", "b", None, "b", None, "a"]  # for models with adapters a and b only
@@ -36,7 +36,22 @@ RTOL = 1e-5
 def assert_matches(routed: torch.Tensor, expected: torch.Tensor) -> None:
     scale = expected.abs().max().item()
     torch.testing.assert_close(routed, expected, rtol=RTOL, atol=RTOL * scale)
-UNSHARED = ("img_ids", "txt_ids")  # Flux's position ids: one per token, shared by the batch
+UNSHARED = ("img_ids", "txt_ids")
+# Refused with a clear error, by design: these parents run the op with a child's tensor themselves
+# (EVA, BEiT and Swin v2 attention: F.linear on qkv.weight; MaxViT: rel_pos.get_bias()), so one
+# tensor serves the whole batch; Swin v2's position-bias MLP sees no batch at all
+READS_QKV = ("eva", "eva02", "beit", "swinv2")
+WEIGHT_ADAPTERS = ("lora", "loha", "lokr", "dora", "svdiff", "oft")
+
+
+def refusal(family: str, method: str) -> str | None:
+    if family in READS_QKV and method in WEIGHT_ADAPTERS:
+        return "read as one weight by its parent"
+    if family == "swinv2" and method in ("bias", "full", "attention"):
+        return "never ran|position-bias MLP"
+    if family in (*READS_QKV, "maxvit", "coatnet") and method in ("attention", "full"):
+        return "never ran: its parent reads them itself"
+    return None  # Flux's position ids: one per token, shared by the batch
 
 
 def cells(unroutable: bool = False):
@@ -122,11 +137,18 @@ def test_routed_batch_equals_the_per_sample_loop(family, method, options):
     inputs = batch_inputs(family)
     pv.set_adapter(model, "c")
     before = state_of(model)
-    with pv.adapter_per_sample(model, NAMES):
-        routed = zoo_run(model, inputs)
+    refused = refusal(family, method)
+    if refused:
+        with pytest.raises(pv.ConfigError, match=refused), pv.adapter_per_sample(model, NAMES):
+            zoo_run(model, inputs)
+    else:
+        with pv.adapter_per_sample(model, NAMES):
+            routed = zoo_run(model, inputs)
     assert pv.active_adapters(model) == ("c",)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    if refused:
+        return
     expected = loop(model, family, inputs, NAMES)
     assert_matches(routed, expected)
     # every row changes with another adapter (else the test could not see a wrong route)
@@ -175,7 +197,15 @@ def test_more_variants_route(family, method, options):
     assert all(not torch.allclose(r, o) for r, o in zip(routed, other))
 
 
-@pytest.mark.parametrize("family,method,options", list(cells(unroutable=True)))
+SWIN_VPT_BUG = pytest.mark.xfail(
+    strict=True, raises=TypeError,
+    reason="main: a second VPT adapter on Swin fails at apply (vpt_swin.check_runnable iterates the "
+    "first adapter's SwinPrompts); test_named_adapters[swin-vpt] fails the same way")
+
+
+@pytest.mark.parametrize("family,method,options", [
+    pytest.param(*p.values, marks=[*p.marks, SWIN_VPT_BUG] if p.values[0].startswith("swin") else p.marks, id=p.id)
+    for p in cells(unroutable=True)])
 def test_vpt_mixed_with_the_base_model_is_refused(family, method, options):
     model = three_adapters(family, method, options)
     with pytest.raises(pv.ConfigError, match="VPT changes the sequence length"):
@@ -242,11 +272,13 @@ def test_batchnorm_in_train_mode_is_refused():
             pass
 
 
-def test_a_parent_reading_the_adapted_weight_refuses_a_mixed_batch():
+@pytest.mark.parametrize("method", ["lora", "oft"])
+def test_a_parent_reading_the_adapted_weight_refuses_a_mixed_batch(method):
     """timm EVA runs F.linear on qkv.weight itself: one weight cannot serve a mixed batch, but a
-    batch that is all one adapter (or none) still gives that adapter's outputs."""
+    batch that is all one adapter (or none) still gives that adapter's outputs. (Regression: OFT's
+    own `weight` property once gave the rotated weight to every sample of a mixed batch.)"""
     base = zoo_model("eva").eval()
-    model = pv.apply(copy.deepcopy(base), "lora", adapter_name="a", train_head=False)
+    model = pv.apply(copy.deepcopy(base), method, adapter_name="a", train_head=False)
     perturb(model, "a", 1)
     inputs = batch_inputs("eva")
     with pytest.raises(pv.ConfigError, match="read as one weight by its parent"), torch.no_grad():
