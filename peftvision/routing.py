@@ -146,7 +146,9 @@ class Router:
             rows = _rows(mine, k, x.device)
             with self.within(tuple(names[i] for i in mine)):
                 delta = layer.output_delta(x.index_select(0, rows))  # (n·k, ...): its samples only
-            return out.index_add(0, rows, delta.to(out.dtype))
+            if out is x or out._base is not None or (torch.is_grad_enabled() and out.requires_grad):
+                return out.index_add(0, rows, delta.to(out.dtype))  # autograd, or not ours to write
+            return out.index_add_(0, rows, delta.to(out.dtype))  # a fresh output: no copy of it
         rest = [i for i, n in enumerate(names) if n != layer.adapter_name]
         runs = [(mine, lambda *a, **kw: self.adapted(layer, forward, a, kw)), (rest, layer.base_layer)]
         return self.split(runs, args, kwargs, k, label)

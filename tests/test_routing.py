@@ -328,3 +328,25 @@ def test_additive_layers_compute_the_delta_on_their_own_samples_only():
     with torch.no_grad(), pv.adapter_per_sample(model, PAIR):
         zoo_run(model, batch_inputs("vit"))
     assert seen == {"a": 2, "b": 2, "base": [6]}
+
+
+def test_routing_with_gradients_gives_the_same_outputs_and_trains_each_adapter_on_its_samples():
+    """With autograd on, the additive path adds out of place; gradients reach an adapter only
+    through its own samples."""
+    model = lora_pair()
+    x = batch_inputs("vit")
+    with torch.no_grad(), pv.adapter_per_sample(model, PAIR):
+        expected = zoo_run(model, x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    qkv = model.blocks[0].attn.qkv
+    a = qkv if qkv.adapter_name == "a" else qkv.base_layer
+    a.lora_B.requires_grad_(True)
+    with pv.adapter_per_sample(model, PAIR):
+        routed = zoo_run(model, x)
+    assert_matches(routed.detach(), expected)
+    rows_of_a = [i for i, n in enumerate(PAIR) if n == "a"]
+    routed[[i for i in range(len(PAIR)) if i not in rows_of_a]].sum().backward(retain_graph=True)
+    assert a.lora_B.grad is None or torch.count_nonzero(a.lora_B.grad) == 0
+    routed[rows_of_a].sum().backward()
+    assert torch.count_nonzero(a.lora_B.grad) > 0
