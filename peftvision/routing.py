@@ -79,6 +79,8 @@ class Router:
     def __init__(self, names: tuple[str | None, ...]) -> None:
         self.stack = [names]
         self.banks: Banks | None = None  # the per-adapter user tensors (routing_banks.py)
+        self._samples: dict[tuple, list[int]] = {}
+        self._rows: dict[tuple, Tensor] = {}
 
     # -- the batch -------------------------------------------------------------------------------
     @property
@@ -130,9 +132,24 @@ class Router:
         return mine == len(self.names)
 
     # -- an adapter layer (layers.py's _gate) ------------------------------------------------------
+    def samples_of(self, names: tuple, adapter: str | None) -> list[int]:
+        """The positions of `adapter` in `names` (cached: every layer of a forward asks)."""
+        key = (names, adapter)
+        found = self._samples.get(key)
+        if found is None:
+            found = self._samples[key] = [i for i, n in enumerate(names) if n == adapter]
+        return found
+
+    def rows(self, samples: list[int], k: int, device: torch.device) -> Tensor:
+        key = (tuple(samples), k, device)
+        found = self._rows.get(key)
+        if found is None:
+            found = self._rows[key] = _rows(samples, k, device)
+        return found
+
     def __call__(self, layer: AdapterLayer, forward: Callable, args: tuple, kwargs: dict) -> Any:
         names = self.names
-        mine = [i for i, n in enumerate(names) if n == layer.adapter_name]
+        mine = self.samples_of(names, layer.adapter_name)
         if not mine:
             return layer.base_layer(*args, **kwargs)
         if len(mine) == len(names):
@@ -143,7 +160,7 @@ class Router:
         k = self.rows_per_sample(x, label)
         if layer.output_delta is not None and len(args) == 1 and not kwargs:
             out = layer.base_layer(x)  # the whole batch; adapters below route themselves
-            rows = _rows(mine, k, x.device)
+            rows = self.rows(mine, k, x.device)
             with self.within(tuple(names[i] for i in mine)):
                 delta = layer.output_delta(x.index_select(0, rows))  # (n·k, ...): its samples only
             if out is x or out._base is not None or (torch.is_grad_enabled() and out.requires_grad):
@@ -171,7 +188,7 @@ class Router:
         lead = len(self.names) * k
         outs, order = [], []
         for idx, fn in runs:
-            rows = _rows(idx, k, _first_tensor(args, kwargs).device)
+            rows = self.rows(idx, k, _first_tensor(args, kwargs).device)
             sub_args, sub_kwargs = _select((args, kwargs), rows, lead)
             with self.within(tuple(self.names[i] for i in idx)):
                 outs.append(fn(*sub_args, **sub_kwargs))

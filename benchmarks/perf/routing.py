@@ -18,8 +18,8 @@ base model (None / peft's "__base__"). Variants, on the same inputs:
 Before timing, routed, peft and loop outputs are asserted equal (fp32, 1e-5 of the output scale)
 and different from `one` on every sample not routed to a0 (the adapters do change the outputs).
 Each round times one forward of every variant, in rotating order, so load on a shared machine
-hits them alike; the median of --repeats rounds after --warmup is printed, with each variant's
-ratio to `one` and to `peft`.
+hits them alike; the median of --repeats rounds after --warmup is printed: process CPU time (the
+steadier figure on a shared machine; the ratios to `one` and `peft` use it) and wall time.
 """
 
 from __future__ import annotations
@@ -151,18 +151,21 @@ def check_equal(runs: dict[str, Callable[[], Tensor]], names: list) -> float:
     return worst
 
 
-def measure(runs: dict[str, Callable[[], Tensor]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median ms per forward of every variant, rounds in rotating order."""
-    times: dict[str, list[float]] = {k: [] for k in runs}
+def measure(runs: dict[str, Callable[[], Tensor]], repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Median wall and process-CPU ms per forward of every variant, rounds in rotating order
+    (CPU time is the steadier figure on a shared machine: other jobs' load does not count)."""
+    wall: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     keys = list(runs)
     with torch.no_grad():
         for round_ in range(warmup + repeats):
             for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 runs[key]()
                 if round_ >= warmup:
-                    times[key].append((time.perf_counter() - start) * 1000)
-    return {k: statistics.median(v) for k, v in times.items()}
+                    wall[key].append((time.perf_counter() - start) * 1000)
+                    cpu[key].append((time.process_time() - start_cpu) * 1000)
+    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in runs}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -187,8 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{torch.get_num_threads()} torch thread(s), {_cpu()}; median of {args.repeats} rounds "
               f"after {args.warmup} warm-up")
     check = f"routed and peft outputs equal the loop's (largest difference {worst:.2e})"
-    table = ["| variant | ms per forward | vs one | vs peft |", "|---|---:|---:|---:|"]
-    table += [f"| {k} | {v:.1f} | {v / ms['one']:.2f} | {v / ms['peft']:.2f} |" for k, v in ms.items()]
+    table = ["| variant | CPU ms per forward | vs one | vs peft | wall ms | wall vs peft |",
+             "|---|---:|---:|---:|---:|---:|"]
+    table += [f"| {k} | {v['cpu']:.1f} | {v['cpu'] / ms['one']['cpu']:.2f} | {v['cpu'] / ms['peft']['cpu']:.2f} "
+              f"| {v['wall']:.1f} | {v['wall'] / ms['peft']['wall']:.2f} |" for k, v in ms.items()]
     print(header)
     print(check)
     print("\n".join(table))
