@@ -86,10 +86,15 @@ class AdapterLayer(Adapter):
     (peftvision.set_adapter / disable_adapters), or once it is merged into the base weights, the
     layer is its base layer: every subclass's `forward` is wrapped once, at class creation, by
     `_gate`, so a subclass writes only the adapted, unmerged forward. `route` is set only inside
-    peftvision.adapter_per_sample (peftvision.named)."""
+    peftvision.adapter_per_sample (peftvision.routing)."""
 
     active: bool = True
-    route = None  # per-sample routing of the batch, or None (see peftvision.named)
+    route = None  # per-sample routing of the batch, or None (see peftvision.routing)
+    # Optional: `output_delta(x)` such that forward(x) == base_layer(x) + output_delta(x). Routing
+    # then runs the base once on the whole batch and the delta on this adapter's samples only.
+    # A subclass that redefines forward without redefining output_delta loses it (DoRA's forward
+    # is not additive), so a stale delta can never be used.
+    output_delta = None
     # True for a layer that computes from the wrapped user layer's parts instead of calling
     # base_layer (AdaptFormer/Convpass re-run the block: `runs_block`): another adapter's layer
     # below it must then be inactive, which set_adapter checks
@@ -98,6 +103,8 @@ class AdapterLayer(Adapter):
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
         forward = cls.__dict__.get("forward")
+        if forward is not None and "output_delta" not in cls.__dict__:
+            cls.output_delta = None
         if forward is not None and not getattr(forward, "_gated", False):
             cls.forward = _gate(forward)
 
@@ -130,6 +137,15 @@ class AdapterLayer(Adapter):
                 return False
             layer = layer.base_layer
         return True
+
+    def parent_reads_base(self) -> bool:
+        """For a `weight` property read by a parent that runs the op itself: True when it must
+        see the base weight (merged, inactive, or routed with no sample of the batch using this
+        adapter). Per-sample routing of a batch that mixes this adapter with others raises: one
+        weight read by the parent serves every sample."""
+        if self.merged or not self.active:
+            return True
+        return self.route is not None and not self.route.whole_batch_uses(self)
 
     @property
     def merge_layer(self) -> nn.Module:
@@ -270,7 +286,7 @@ class AdditiveDeltaLayer(AdapterLayer):
         op themselves (timm EVA and BEiT: F.linear(x, self.qkv.weight, qkv_bias)): they then
         compute the adapted result, with gradients reaching the adapter."""
         weight = self.base_layer.weight  # a nested adapter's own adapted weight
-        if self.merged or not self.active:
+        if self.parent_reads_base():
             return weight
         return weight + self.delta_weight().to(weight.dtype)
 
@@ -303,11 +319,14 @@ class DenseDeltaLayer(AdditiveDeltaLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
+        return out + self.output_delta(x)
+
+    def output_delta(self, x: Tensor) -> Tensor:
         layer = self.weighted_layer
         delta = self.delta_weight().to(x.dtype)  # the base weight's shape, in the activations' dtype
         if isinstance(layer, nn.Linear):
-            return out + nn.functional.linear(x, delta)  # (..., out)
-        return out + layer._conv_forward(x, delta, None)  # (B, out, *spatial')
+            return nn.functional.linear(x, delta)  # (..., out)
+        return layer._conv_forward(x, delta, None)  # (B, out, *spatial')
 
 
 # -- the dtype of new adapter parameters (apply's `adapter_dtype`) --------------------------------

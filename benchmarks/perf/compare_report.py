@@ -333,7 +333,10 @@ def render(data: dict[str, Any], source: str = "benchmarks/results/perf/compare_
               "*training peak* = the same process's peak from the end of apply on (n/a: not "
               "recorded in that run); *X vs base* = inference CPU time against the bare "
               "base model, interleaved (unmerged: as applied; merged: `peftvision.merge`/peft "
-              "`merge_adapter`, wrappers kept; unloaded: `unload(merge=True)`/`merge_and_unload`).", ""]
+              "`merge_adapter`, wrappers kept; unloaded: `unload(merge=True)`/`merge_and_unload`).", "",
+              "Serving one batch whose samples use different adapters (`pv.adapter_per_sample` "
+              "against peft's `adapter_names=`) is measured apart: see "
+              "[Serving mixed batches](performance-routing.md) (`python -m benchmarks.perf.routing`).", ""]
     for entry in data["models"].values():
         lines += [f"## {entry['case']}", "",
                   ", ".join(f"{k}={_plain(v)}" for k, v in entry["config"].items())

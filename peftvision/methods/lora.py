@@ -98,7 +98,10 @@ class LoRALinear(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., out)
-        return out + self.branch(x, self._drop(x))
+        return out + self.output_delta(x)
+
+    def output_delta(self, x: Tensor) -> Tensor:
+        return self.branch(x, self._drop(x))  # (..., out)
 
     def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:
         """ΔW·x, the adapter's share of the output, in x's dtype; the trained factors see the
@@ -147,10 +150,13 @@ class LoRAFusedLinear(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (..., 3D)
+        return out + self.output_delta(x)
+
+    def output_delta(self, x: Tensor) -> Tensor:
         low = F.linear(self._drop(x), rearrange(self.lora_A, "n r i -> (n r) i").to(x.dtype))  # (..., n*r)
         low = rearrange(low, "... (n r) -> ... n r", n=len(self.slots))  # (..., n, r)
         delta = torch.einsum("...nr,ndr->...nd", low, self.lora_B.to(low.dtype)) * self.scaling  # (..., n, D)
-        return out + self._scatter(delta)
+        return self._scatter(delta)  # (..., 3D)
 
     def _scatter(self, delta: Tensor) -> Tensor:
         """(..., n, D) deltas of the adapted slots -> (..., 3D) with zeros in the others."""
@@ -196,7 +202,10 @@ class LoRAConv(LoRALayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (B, out, *spatial')
-        return out + self.branch(x, self._drop(x))
+        return out + self.output_delta(x)
+
+    def output_delta(self, x: Tensor) -> Tensor:
+        return self.branch(x, self._drop(x))  # (B, out, *spatial')
 
     def branch(self, x: Tensor, x_drop: Tensor) -> Tensor:
         """ΔW * x, the adapter's share of the output (see LoRALinear.branch)."""

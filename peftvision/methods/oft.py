@@ -75,7 +75,7 @@ class OFTLayer(AdapterLayer):
         """W0·Rᵀ, for parents that read their child's `.weight` and run the op themselves (timm
         EVA, BEiT, Swin v2 qkv): they then compute the adapted result."""
         base = self.base_layer.weight
-        if self.merged or not self.active:
+        if self.parent_reads_base():
             return base
         rot = self.rotation()
         return self._rotate(base.to(rot.dtype), rot).to(base.dtype)

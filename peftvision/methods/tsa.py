@@ -48,7 +48,10 @@ class TSAConv(AdditiveDeltaLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)  # (B, C_out, H', W')
-        return out + F.conv2d(x, self.tsa_alpha.to(x.dtype), stride=self.weighted_layer.stride)
+        return out + self.output_delta(x)
+
+    def output_delta(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.tsa_alpha.to(x.dtype), stride=self.weighted_layer.stride)  # (B, C_out, H', W')
 
     def delta_weight(self) -> Tensor:
         conv = self.weighted_layer
