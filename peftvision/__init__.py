@@ -19,6 +19,7 @@ from .errors import (
                      UnknownMethodError,
                      UnsupportedArchitectureError,
 )
+from .mixing import add_weighted_adapter
 from .named import active_adapters, adapters, delete_adapter, disable_adapters, set_adapter
 from .record import AppliedRecord, MethodRecord, applied
 from .registry import get_method, register_method
@@ -29,6 +30,7 @@ from .zoo import create_model, load_local_weights
 __all__ = [
     "__version__", "apply", "config", "merge", "unmerge", "unload", "report", "Report",
     "adapters", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters",
+    "add_weighted_adapter",
     "save_adapter", "load_adapter", "push_to_hub", "methods", "get_method", "register_method",
     "applied", "AppliedRecord", "MethodRecord", "create_model", "load_local_weights",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",
