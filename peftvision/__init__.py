@@ -24,13 +24,14 @@ from .named import active_adapters, adapters, delete_adapter, disable_adapters, 
 from .record import AppliedRecord, MethodRecord, applied
 from .registry import get_method, register_method
 from .report import Report, report
+from .scale import set_scale
 from .sharing import push_to_hub
 from .zoo import create_model, load_local_weights
 
 __all__ = [
     "__version__", "apply", "config", "merge", "unmerge", "unload", "report", "Report",
     "adapters", "active_adapters", "set_adapter", "delete_adapter", "disable_adapters",
-    "add_weighted_adapter",
+    "add_weighted_adapter", "set_scale",
     "save_adapter", "load_adapter", "push_to_hub", "methods", "get_method", "register_method",
     "applied", "AppliedRecord", "MethodRecord", "create_model", "load_local_weights",
     "PeftVisionError", "ConfigError", "UnknownMethodError", "TargetError",

@@ -18,6 +18,7 @@ statistics) becomes base + Σ wᵢ·(ownᵢ - base), the same task arithmetic on
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -74,7 +75,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     dense = _combined_user_tensors(found, weighted)
     loras = [m for s in sources for m in found.states[s].methods if m.name == "lora"]
     config = LoRA(r=rank, alpha=float(rank), dropout=loras[0].dropout if loras else 0.0,
-                  targets=sorted(by_module), qkv_parts=parts)
+                  targets=_exactly(by_module), qkv_parts=parts)
     dtype = _common_dtype(layer for layers in by_module.values() for layer in layers.values())
     apply(model, config, adapter_name=adapter_name, adapter_dtype=dtype)
     try:
@@ -104,6 +105,8 @@ def _check_arguments(found: AdapterSet, adapters, weights, adapter_name, combina
                        for w in weights):
         raise ConfigError(f"add_weighted_adapter: weights must be one finite number per adapter "
                           f"({len(adapters)}), got {weights!r}")
+    if not isinstance(adapter_name, str):
+        raise ConfigError(f"add_weighted_adapter: adapter_name must name the new adapter, got {adapter_name!r}")
     check_adapter_name(adapter_name, None)
     if adapter_name in found.states:
         raise ConfigError(f"add_weighted_adapter: adapter {adapter_name!r} already exists; choose a "
@@ -320,6 +323,12 @@ def _layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
                 yield from walk(child, f"{canonical}.{cname}" if canonical else cname)
 
     yield from walk(model, "")
+
+
+def _exactly(names) -> str:
+    """A targets regex matching these module names and no other (a list entry also matches
+    longer names ending in it)."""
+    return "|".join(re.escape(n) for n in sorted(names))
 
 
 def _common_dtype(layers) -> torch.dtype:

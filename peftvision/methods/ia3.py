@@ -29,6 +29,8 @@ IA3_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class IA3Layer(AdapterLayer):
     """y = l ⊙ layer(x) on output channels [start, stop) (`on_input`: y = layer(l ⊙ x))."""
 
+    effect_scale: float = 1.0  # peftvision.set_scale: l becomes 1 + s·(l - 1)
+
     def __init__(self, base_layer: nn.Module, on_input: bool, start: int = 0) -> None:
         super().__init__(base_layer)
         layer = self.weighted_layer
@@ -40,10 +42,16 @@ class IA3Layer(AdapterLayer):
     def _full(self, channels: int, dtype: torch.dtype | None = None) -> Tensor:
         """l padded with ones over the channels it leaves alone (the q third of a fused qkv),
         in `dtype` (the activations' or weight's: an fp32 adapter beside a half base)."""
-        scale = self.ia3_scale if dtype is None else self.ia3_scale.to(dtype)
+        scale = self._scaled() if dtype is None else self._scaled().to(dtype)
         if not self.start:
             return scale
         return torch.cat([scale.new_ones(self.start), scale])  # (channels,)
+
+    def _scaled(self) -> Tensor:
+        """l, or with set_scale's s, 1 + s·(l - 1): W·diag(l) - W scaled by s."""
+        if self.effect_scale == 1.0:
+            return self.ia3_scale
+        return 1 + (self.ia3_scale - 1) * self.effect_scale
 
     def _along(self, t: Tensor, scale: Tensor) -> Tensor:
         if self.channel_dim == -1:
@@ -60,7 +68,7 @@ class IA3Layer(AdapterLayer):
         return self._along(out, self._full(out.shape[self.channel_dim], out.dtype))
 
     def needs_stash(self) -> bool:  # dividing by a zero or tiny scale would not give W back
-        return not scale_inverse_is_exact(self.ia3_scale, self.merge_layer.weight.dtype)
+        return not scale_inverse_is_exact(self._scaled(), self.merge_layer.weight.dtype)
 
     def merge_blocker(self) -> str:
         if self.on_input and getattr(self.weighted_layer, "groups", 1) != 1:
