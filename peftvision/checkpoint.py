@@ -66,14 +66,16 @@ SAVE_FORMATS = ("peftvision", "peft")
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool = True,
                  tags: list[str] | None = None, metrics: dict[str, float] | None = None,
-                 format: str = "peftvision", adapter_name: str | None = None) -> Path:
+                 format: str = "peftvision", adapter_name: str | list[str] | None = None) -> Path:
     """Save what was trained to `directory` (created if needed); returns the directory.
 
     Writes adapter_model.safetensors, adapter_config.json and (card=True) a README.md model
     card with `tags` and `metrics`. adapter_name: the named adapter to save (default: the only,
     or the only active one), saved as if alone on the model. format="peft" writes the adapter in
     Hugging Face peft's layout instead (LoRA with DoRA / rsLoRA, LoHa, LoKr, IA3 or OFT; plus
-    diffusers' pytorch_lora_weights.safetensors for a UNet LoRA).
+    diffusers' pytorch_lora_weights.safetensors for a UNet LoRA). A list of adapter names saves
+    each of them in peft's multi-adapter layout, in either format: "default" in `directory`,
+    every other adapter in `directory/<name>` (load_adapter reads them all back by name).
 
     The folder is replaced as one unit (see `peftvision.folder`): a crash or a concurrent save
     leaves either the complete old adapter or the complete new one, and files of an older save
@@ -88,6 +90,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
     if not isinstance(card, bool):
         raise ValueError(f"card must be True or False, got {card!r}")
     check_card_arguments(tags, metrics)
+    if isinstance(adapter_name, (list, tuple)):
+        from .multi import save_several
+
+        return save_several(model, Path(directory), list(adapter_name),
+                            lambda name, out: save_adapter(model, out, card=card, tags=tags, metrics=metrics,
+                                                           format=format, adapter_name=name))
     state = require_state(model, "save_adapter", adapter_name)
     if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
         # merging rewrote base weights that the adapter may also hold (biases, norms): refuse
@@ -316,7 +324,29 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     already has adapters, `adapter_name` names the new one, which is loaded beside them (inactive
     until peftvision.set_adapter). hotswap=True instead replaces the weights of the existing
     adapter `adapter_name` in place (same methods and shapes): a torch.compile'd model then
-    switches adapters without recompiling. On any error the model is left as it was."""
+    switches adapters without recompiling. On any error the model is left as it was.
+
+    A folder with several adapters in peft's layout (what peft's save_pretrained writes for a
+    PeftModel with several adapters, and save_adapter(adapter_name=[...])): "default" at the
+    root, every other adapter in a subfolder named after it. adapter_name=None loads them all
+    under their names (the first one active on a model without adapters), adapter_name="x"
+    loads only adapter x."""
+    from .multi import adapter_folders, load_several
+
+    wrapper, model = model, unwrap(model)
+    if not isinstance(hotswap, bool):
+        raise ValueError(f"hotswap must be True or False, got {hotswap!r}")
+    folder = _resolve_source(source, revision, token)
+    several = adapter_folders(folder)
+    if several:  # peft's layout: "default" at the root, the others in subfolders named after them
+        load_several(model, several, adapter_name, hotswap, _load_folder)
+    else:
+        _load_folder(model, folder, adapter_name, hotswap)
+    return wrapper
+
+
+def _load_folder(model: nn.Module, folder: Path, adapter_name: str | None, hotswap: bool) -> None:
+    """load_adapter for the adapter in `folder` itself (model unwrapped)."""
     from .api import apply
     from .identity import base_identity
     from .methods.base import Method
@@ -324,9 +354,6 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     from .registry import get_method
     from .state import get_adapters
 
-    wrapper, model = model, unwrap(model)
-    if not isinstance(hotswap, bool):
-        raise ValueError(f"hotswap must be True or False, got {hotswap!r}")
     found = get_adapters(model)
     if hotswap and (found is None or adapter_name not in found.states):
         raise AdapterLoadError(f"hotswap=True replaces an existing adapter's weights, but this model has "
@@ -342,11 +369,10 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
                                    "hotswap=True to replace its weights, or delete_adapter it first")
     if adapter_name is not None:
         check_adapter_name(adapter_name, None)
-    folder = _resolve_source(source, revision, token)
     config, tensors = read_adapter(folder)
     if hotswap:
         _hotswap(model, adapter_name, config, tensors, folder)
-        return wrapper
+        return
     saved_base = config["base_model"]
     this_base = base_identity(model)
     other_base = saved_base.get("fingerprint") not in (None, this_base["fingerprint"])
@@ -398,7 +424,6 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     except BaseException:
         _remove(model, name, found is None)
         raise
-    return wrapper
 
 
 def _remove(model: nn.Module, adapter_name: str, only: bool) -> None:
@@ -419,12 +444,12 @@ def _hotswap(model: nn.Module, adapter_name: str, config: dict, tensors: dict[st
     from .state import require_state
 
     state = require_state(model, "load_adapter(hotswap=True)", adapter_name)
-    ours = [{"name": m.name, "config": m.to_dict()} for m in state.methods]
-    if json.loads(json.dumps(ours)) != config["methods"]:
+    ours = _comparable([{"name": m.name, "config": m.to_dict()} for m in state.methods])
+    if ours != _comparable(config["methods"]):
         raise AdapterLoadError(
             f"hotswap: the adapter in {folder} was made with other methods or options than adapter "
-            f"{adapter_name!r} ({[m['name'] for m in config['methods']]} vs {[m.name for m in state.methods]}); "
-            "hotswap replaces weights of the same shapes only. Load it under a new adapter_name instead")
+            f"{adapter_name!r} ({config['methods']} vs {ours}); hotswap replaces weights of the same "
+            "methods and shapes only. Load it under a new adapter_name instead")
     live = adapter_tensors(model, adapter_name)
     problems = _mismatches(live, tensors, bool(config.get("from_peft")))
     if problems:
@@ -434,6 +459,23 @@ def _hotswap(model: nn.Module, adapter_name: str, config: dict, tensors: dict[st
         for name, target in live.items():
             if name in tensors:
                 target.copy_(tensors[name])
+
+
+def _comparable(methods: list[dict]) -> list[dict]:
+    """Method entries as their configs write them back (a peft file's lacks our defaults), less
+    `targets`: where the layers sit is checked by the tensor names, which a preset and the module
+    list a peft file holds name alike."""
+    from .registry import get_method
+
+    out = []
+    for entry in methods:
+        try:
+            config = get_method(entry["name"]).from_dict(entry["config"]).to_dict()
+        except (PeftVisionError, TypeError, KeyError):
+            config = dict(entry.get("config", {}))  # unknown here: compared as written
+        config.pop("targets", None)
+        out.append({"name": entry["name"], "config": json.loads(json.dumps(config))})
+    return out
 
 
 def _warn_other_weights(saved: dict, this: dict) -> None:
@@ -447,4 +489,4 @@ def _warn_other_weights(saved: dict, this: dict) -> None:
                       f"{this_id or this_tag}: outputs will differ from the trained model's. Build "
                       f"the base with the recorded weights (e.g. timm.create_model("
                       f"'{saved.get('name')}.{saved_tag}', pretrained=True))",
-                      stacklevel=3)
+                      stacklevel=4)

@@ -30,7 +30,7 @@ from .methods.dora import DoRAMixin
 from .methods.loha import LoHaLayer
 from .methods.lokr import LoKrLayer
 from .methods.lora import QKV, LoRA, LoRAConv, LoRAFusedLinear, LoRALayer
-from .named import _check_unmerged, _require, check_adapter_name
+from .named import _check_unmerged, _require, adapter_modules, check_adapter_name
 from .state import AdapterSet
 from .wrappers import unwrap
 
@@ -312,17 +312,7 @@ def _install(model: nn.Module, found: AdapterSet, name: str, factors: dict, dens
 
 def _layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
     """(canonical module name, layer) of every adapter layer, nested ones included."""
-
-    def walk(module: nn.Module, canonical: str):
-        if isinstance(module, AdapterLayer):
-            yield canonical, module
-            yield from walk(module.base_layer, canonical)
-            return
-        for cname, child in module._modules.items():
-            if child is not None:
-                yield from walk(child, f"{canonical}.{cname}" if canonical else cname)
-
-    yield from walk(model, "")
+    return ((name, m) for name, m in adapter_modules(model) if isinstance(m, AdapterLayer))
 
 
 def _exactly(names) -> str:
