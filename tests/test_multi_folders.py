@@ -146,3 +146,25 @@ def test_one_of_several_adapters_in_peft_format_and_hotswap_from_peft(tmp_path):
     pv.apply(fresh, "lora", adapter_name="b", r=2, alpha=4, targets=["qkv", "proj"], train_head=False)
     pv.load_adapter(fresh, tmp_path / "b", adapter_name="b", hotswap=True)
     torch.testing.assert_close(_out(fresh), y_b, **TOL)
+
+
+def test_a_multi_adapter_hub_repo_loads_under_its_names(monkeypatch, tmp_path):
+    """The Hub download fetches the subfolders too (snapshot_download mocked: no network)."""
+    import huggingface_hub
+
+    import peftvision.hub
+
+    expected = _peft_with(["derm", "xray"], tmp_path / "repo")  # no root adapter: subfolders only
+    seen = {}
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        seen["patterns"] = allow_patterns
+        return str(tmp_path / "repo")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(peftvision.hub, "offline_reason", lambda timeout=3.0: None)
+    model = pv.load_adapter(make_model("vit"), "me/screening")
+    assert "*/adapter_config.json" in seen["patterns"]
+    assert pv.adapters(model) == ("derm", "xray")
+    pv.set_adapter(model, "xray")
+    torch.testing.assert_close(_out(model), expected["xray"], **TOL)
