@@ -52,8 +52,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     negative. The new adapter is a normal named adapter (a LoRA with alpha = r): it starts
     inactive (peftvision.set_adapter), and saves, loads, merges and deletes like any other.
     Differences from peft: an existing `adapter_name` is an error (peft returns silently), a
-    single source keeps the combination type asked for, rsLoRA sources mix exactly (peft keeps
-    use_rslora with alpha = r on the mix, multiplying it by √r), and a head the sources train is
+    single source keeps the combination type asked for, rsLoRA sources mix exactly (peft 0.21
+    keeps use_rslora with alpha = r on the mix, multiplying it by √r; fixed upstream in
+    huggingface/peft#3449), and a head the sources train is
     combined as base + Σ wᵢ·(headᵢ - base) (peft gives the mix a fresh copy of the base head)."""
     from .api import apply
     from .named import delete_adapter

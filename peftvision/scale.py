@@ -3,7 +3,8 @@
 A scale s multiplies what the adapter's layers change, ΔW·s in weight terms, so s = 0 gives the
 output without them and s = 1 the adapter as trained:
 - LoRA (rsLoRA, qkv slices, convs, PiSSA / OLoRA's offset), LoHa, LoKr: s multiplies the
-  scaling, so ΔW becomes s·ΔW in the forward and in merge;
+  layer's own scaling (alpha/r, or alpha/√r with rsLoRA, which peft's set_scale misses:
+  huggingface/peft#2733), so ΔW becomes s·ΔW in the forward and in merge;
 - DoRA: W + s·(W' - W) with W' = m·(W+ΔW)/‖W+ΔW‖ (the forward adds s times its effect);
 - IA3: the vector l becomes 1 + s·(l - 1), which is W + s·(W·diag(l) - W).
 Other kinds are refused: a prompt (VPT) or a re-run block (AdaptFormer) has no ΔW, and
