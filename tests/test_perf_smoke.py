@@ -14,3 +14,19 @@ def test_bias_step_benchmark_tiny(tmp_path, capsys):
     variants = {(r["model"], r["variant"]) for r in rows}
     assert {v for _, v in variants} == {"frozen", "bias", "bias-naive", "lora"}
     assert all(r["median_step_s"] > 0 and r["ratio_vs_lora"] > 0 for r in rows)
+
+
+def test_mixing_benchmark_tiny(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("peft")
+    from benchmarks.perf import mixing
+
+    out = tmp_path / "mixing.json"
+    rows = mixing.main(["--tiny", "--reps", "1", "--out", str(out)])
+    assert [r["kind"] for r in rows] == ["cat", "svd", "svd", "linear"]
+    assert all(r["max_abs_diff"] <= 1e-5 * max(1.0, r["output_max_abs"]) for r in rows)  # same mixes
+    svd = [r for r in rows if r["kind"] == "svd"]
+    assert all(abs(r["svd_rel_error"] - r["best_rel_error"]) < 1e-4 for r in svd)  # Eckart–Young
+    assert json.loads(out.read_text())["rows"] == rows
+    assert "peftvision s" in capsys.readouterr().out
