@@ -336,8 +336,17 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     wrapper, model = model, unwrap(model)
     if not isinstance(hotswap, bool):
         raise ValueError(f"hotswap must be True or False, got {hotswap!r}")
+    from .named import check_adapter_name
+    from .state import get_adapters
+
+    if adapter_name is not None:
+        check_adapter_name(adapter_name, None)
+    local = Path(source).expanduser()
+    several = adapter_folders(local) if local.is_dir() else {}
+    if not several:  # name checks before anything is read or downloaded
+        _check_target(get_adapters(model), adapter_name, hotswap)
     folder = _resolve_source(source, revision, token)
-    several = adapter_folders(folder)
+    several = several or adapter_folders(folder)  # a Hub repo in that layout
     if several:  # peft's layout: "default" at the root, the others in subfolders named after them
         load_several(model, several, adapter_name, hotswap, _load_folder)
     else:
@@ -355,23 +364,14 @@ def _load_folder(model: nn.Module, folder: Path, adapter_name: str | None, hotsw
     from .state import get_adapters
 
     found = get_adapters(model)
-    if hotswap and (found is None or adapter_name not in found.states):
-        raise AdapterLoadError(f"hotswap=True replaces an existing adapter's weights, but this model has "
-                               f"no adapter named {adapter_name!r} (adapters: "
-                               f"{list(found.states) if found else []}); load it without hotswap first")
-    if found is not None and not hotswap:
-        if adapter_name is None:
-            raise AdapterLoadError("load_adapter: this model already has peftvision methods applied "
-                                   f"(adapters {list(found.states)}); load beside them with "
-                                   "adapter_name='new name', or call peftvision.unload(model) first")
-        if adapter_name in found.states:
-            raise AdapterLoadError(f"load_adapter: adapter {adapter_name!r} already exists; pass "
-                                   "hotswap=True to replace its weights, or delete_adapter it first")
+    _check_target(found, adapter_name, hotswap)
     if adapter_name is not None:
         check_adapter_name(adapter_name, None)
     config, tensors = read_adapter(folder)
     if hotswap:
-        _hotswap(model, adapter_name, config, tensors, folder)
+        from .hotswap import hotswap_weights
+
+        hotswap_weights(model, adapter_name, config, tensors, folder)
         return
     saved_base = config["base_model"]
     this_base = base_identity(model)
@@ -426,6 +426,22 @@ def _load_folder(model: nn.Module, folder: Path, adapter_name: str | None, hotsw
         raise
 
 
+def _check_target(found, adapter_name: str | None, hotswap: bool) -> None:
+    """The adapter a load adds or replaces is named when it must be, and exists iff hotswap."""
+    if hotswap and (found is None or adapter_name not in found.states):
+        raise AdapterLoadError(f"hotswap=True replaces an existing adapter's weights, but this model has "
+                               f"no adapter named {adapter_name!r} (adapters: "
+                               f"{list(found.states) if found else []}); load it without hotswap first")
+    if found is not None and not hotswap:
+        if adapter_name is None:
+            raise AdapterLoadError("load_adapter: this model already has peftvision methods applied "
+                                   f"(adapters {list(found.states)}); load beside them with "
+                                   "adapter_name='new name', or call peftvision.unload(model) first")
+        if adapter_name in found.states:
+            raise AdapterLoadError(f"load_adapter: adapter {adapter_name!r} already exists; pass "
+                                   "hotswap=True to replace its weights, or delete_adapter it first")
+
+
 def _remove(model: nn.Module, adapter_name: str, only: bool) -> None:
     """Take back an adapter load_adapter added (the whole peftvision state when it was the first)."""
     from .api import unload
@@ -435,47 +451,6 @@ def _remove(model: nn.Module, adapter_name: str, only: bool) -> None:
         unload(model)
     else:
         delete_adapter(model, adapter_name)
-
-
-def _hotswap(model: nn.Module, adapter_name: str, config: dict, tensors: dict[str, Tensor],
-             folder: Path) -> None:
-    """Copy the file's tensors into adapter `adapter_name`'s own, in place: same objects, so
-    optimizers and torch.compile'd graphs keep working. Everything is checked first."""
-    from .state import require_state
-
-    state = require_state(model, "load_adapter(hotswap=True)", adapter_name)
-    ours = _comparable([{"name": m.name, "config": m.to_dict()} for m in state.methods])
-    if ours != _comparable(config["methods"]):
-        raise AdapterLoadError(
-            f"hotswap: the adapter in {folder} was made with other methods or options than adapter "
-            f"{adapter_name!r} ({config['methods']} vs {ours}); hotswap replaces weights of the same "
-            "methods and shapes only. Load it under a new adapter_name instead")
-    live = adapter_tensors(model, adapter_name)
-    problems = _mismatches(live, tensors, bool(config.get("from_peft")))
-    if problems:
-        raise AdapterLoadError(f"hotswap: adapter in {folder} does not fit adapter {adapter_name!r}: "
-                               f"{'; '.join(problems)}")
-    with torch.no_grad():
-        for name, target in live.items():
-            if name in tensors:
-                target.copy_(tensors[name])
-
-
-def _comparable(methods: list[dict]) -> list[dict]:
-    """Method entries as their configs write them back (a peft file's lacks our defaults), less
-    `targets`: where the layers sit is checked by the tensor names, which a preset and the module
-    list a peft file holds name alike."""
-    from .registry import get_method
-
-    out = []
-    for entry in methods:
-        try:
-            config = get_method(entry["name"]).from_dict(entry["config"]).to_dict()
-        except (PeftVisionError, TypeError, KeyError):
-            config = dict(entry.get("config", {}))  # unknown here: compared as written
-        config.pop("targets", None)
-        out.append({"name": entry["name"], "config": json.loads(json.dumps(config))})
-    return out
 
 
 def _warn_other_weights(saved: dict, this: dict) -> None:
