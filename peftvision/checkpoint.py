@@ -332,13 +332,12 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     under their names (the first one active on a model without adapters), adapter_name="x"
     loads only adapter x."""
     from .multi import adapter_folders, load_several
+    from .named import check_adapter_name
+    from .state import get_adapters
 
     wrapper, model = model, unwrap(model)
     if not isinstance(hotswap, bool):
         raise ValueError(f"hotswap must be True or False, got {hotswap!r}")
-    from .named import check_adapter_name
-    from .state import get_adapters
-
     if adapter_name is not None:
         check_adapter_name(adapter_name, None)
     local = Path(source).expanduser()
