@@ -114,11 +114,12 @@ def test_mixed_outputs_equal_peft(case):
 
 
 # -- exactness -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["vit", "resnet"])
+@pytest.mark.parametrize("arch", ["vit", "resnet", "unet"])
 def test_cat_with_unit_weights_equals_both_active(arch):
     """cat with weights [1, 1] is the two adapters active together, heads and BatchNorm
     statistics included (both combine trained user tensors as base + Σ(own - base))."""
-    targets = (["qkv", "fc1"], ["qkv", "proj"]) if arch == "vit" else (["conv1", "conv2"], ["conv2", "conv3"])
+    targets = {"vit": (["qkv", "fc1"], ["qkv", "proj"]), "resnet": (["conv1", "conv2"], ["conv2", "conv3"]),
+               "unet": (None, ["to_q", "to_v", "conv1"])}[arch]
     model = _two(arch, a=dict(targets=targets[0]), b=dict(targets=targets[1]))
     if arch == "resnet":  # different statistics per adapter
         for name in ("a", "b"):
