@@ -64,7 +64,7 @@ SAVE_FORMATS = ("peftvision", "peft", "kohya")
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool = True,
                  tags: list[str] | None = None, metrics: dict[str, float] | None = None,
-                 format: str = "peftvision", adapter_name: str | None = None,
+                 format: str = "peftvision", adapter_name: str | list[str] | None = None,
                  text_encoder: nn.Module | None = None, text_encoder_2: nn.Module | None = None) -> Path:
     """Save what was trained to `directory` (created if needed); returns the directory.
 
@@ -72,10 +72,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
     card with `tags` and `metrics`. adapter_name: the named adapter to save (default: the only,
     or the only active one), saved as if alone on the model. format="peft" writes the adapter in
     Hugging Face peft's layout instead (LoRA with DoRA / rsLoRA, LoHa, LoKr, IA3 or OFT; plus
-    diffusers' pytorch_lora_weights.safetensors for a UNet LoRA). format="kohya" writes one file,
-    `directory` being its path ending in .safetensors, in the kohya-ss / A1111 / LyCORIS layout
-    that diffusers' load_lora_weights and A1111 read (LoRA / LoCon, LoHa, LoKr on a UNet; the
-    LoRAs of `text_encoder` / `text_encoder_2` too when given); no card is written.
+    diffusers' pytorch_lora_weights.safetensors for a UNet LoRA). A list of adapter names saves
+    each of them in peft's multi-adapter layout, in either format: "default" in `directory`,
+    every other adapter in `directory/<name>` (load_adapter reads them all back by name).
+    format="kohya" writes one file, `directory` being its path ending in .safetensors, in the
+    kohya-ss / A1111 / LyCORIS layout that diffusers' load_lora_weights and A1111 read (LoRA /
+    LoCon, LoHa, LoKr on a UNet; the LoRAs of `text_encoder` / `text_encoder_2` too when given);
+    no card is written.
 
     The folder is replaced as one unit (see `peftvision.folder`): a crash or a concurrent save
     leaves either the complete old adapter or the complete new one, and files of an older save
@@ -90,6 +93,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, card: bool =
     if not isinstance(card, bool):
         raise ValueError(f"card must be True or False, got {card!r}")
     check_card_arguments(tags, metrics)
+    if isinstance(adapter_name, (list, tuple)):
+        if format == "kohya":
+            raise ValueError("format='kohya' writes one adapter to one file; save each adapter "
+                             "to its own .safetensors path (adapter_name='name')")
+        from .multi import save_several
+
+        return save_several(model, Path(directory), list(adapter_name),
+                            lambda name, out: save_adapter(model, out, card=card, tags=tags, metrics=metrics,
+                                                           format=format, adapter_name=name))
     state = require_state(model, "save_adapter", adapter_name)
     if any(isinstance(m, AdapterLayer) and m.merged for m in model.modules()):
         # merging rewrote base weights that the adapter may also hold (biases, norms): refuse

@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 from .errors import AdapterLoadError, OfflineError
 
 ADAPTER_FILES = ["adapter_model.safetensors", "adapter_config.json"]
+# peft's multi-adapter layout: every adapter but "default" in a subfolder named after it
+SUBFOLDER_FILES = [f"*/{name}" for name in ADAPTER_FILES]
 
 
 def push_folder(folder: str | Path, repo_id: str, *, private: bool | None = None,
@@ -55,7 +57,8 @@ def download_adapter(repo_id: str, revision: str | None = None, token: str | Non
     try:
         with offline_if_unreachable():
             folder = Path(snapshot_download(repo_id, revision=revision, token=token,
-                                            allow_patterns=ADAPTER_FILES, library_name="peftvision"))
+                                            allow_patterns=ADAPTER_FILES + SUBFOLDER_FILES,
+                                            library_name="peftvision"))
     except RepositoryNotFoundError as exc:
         raise AdapterLoadError(f"Hub repo {repo_id!r} not found (or private: log in with "
                                "`hf auth login` or pass token=...)") from exc
@@ -68,7 +71,7 @@ def download_adapter(repo_id: str, revision: str | None = None, token: str | Non
     except HfHubHTTPError as exc:
         raise AdapterLoadError(f"could not download {repo_id!r}{at} from the Hub: {exc}") from exc
     missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
-    if missing:
+    if missing and not any((sub / ADAPTER_FILES[1]).is_file() for sub in folder.iterdir() if sub.is_dir()):
         raise AdapterLoadError(f"Hub repo {repo_id!r}{at} holds no peftvision adapter "
                                f"(missing {', '.join(missing)})")
     return folder

@@ -8,7 +8,6 @@ checked by checkpoint.read_adapter; a Hub repo id is downloaded by hub.download_
 from __future__ import annotations
 
 import copy
-import json
 import os
 from pathlib import Path
 
@@ -95,8 +94,16 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     model that already has adapters, `adapter_name` names the new one, which is loaded beside
     them (inactive until peftvision.set_adapter). hotswap=True instead replaces the weights of
     the existing adapter `adapter_name` in place (same methods and shapes): a torch.compile'd
-    model then switches adapters without recompiling. On any error the models are left as they were."""
+    model then switches adapters without recompiling. On any error the models are left as they were.
+
+    A folder with several adapters in peft's layout (what peft's save_pretrained writes for a
+    PeftModel with several adapters, and save_adapter(adapter_name=[...])): "default" at the
+    root, every other adapter in a subfolder named after it. adapter_name=None loads them all
+    under their names (the first one active on a model without adapters), adapter_name="x"
+    loads only adapter x."""
     from .interop.kohya import is_single_file
+    from .multi import adapter_folders, load_several
+    from .named import check_adapter_name
 
     if not isinstance(hotswap, bool):
         raise ValueError(f"hotswap must be True or False, got {hotswap!r}")
@@ -108,11 +115,25 @@ def load_adapter(model: nn.Module, source: str | os.PathLike, *, revision: str |
     if text_encoder is not None or text_encoder_2 is not None:
         raise ValueError("text_encoder= and text_encoder_2= go with a single-file (kohya / A1111) "
                          f"adapter; {source!r} is not a file")
-    _check_name(unwrap(model), adapter_name, hotswap)  # before any download
+    if adapter_name is not None:
+        check_adapter_name(adapter_name, None)
+    local = Path(source).expanduser()
+    several = adapter_folders(local) if local.is_dir() else {}
+    if not several:  # name checks before anything is read or downloaded
+        _check_name(unwrap(model), adapter_name, hotswap)
     folder = _resolve_source(source, revision, token)
+    several = several or adapter_folders(folder)  # a Hub repo in that layout
+    if several:  # peft's layout: "default" at the root, the others in subfolders named after them
+        load_several(unwrap(model), several, adapter_name, hotswap, _load_folder)
+    else:
+        _load_folder(unwrap(model), folder, adapter_name, hotswap)
+    return model
+
+
+def _load_folder(model: nn.Module, folder: Path, adapter_name: str | None, hotswap: bool) -> None:
+    """load_adapter for the adapter in `folder` itself."""
     config, tensors = read_adapter(folder)
     load_read(model, config, tensors, folder, adapter_name, hotswap)
-    return model
 
 
 def _check_name(model: nn.Module, adapter_name: str | None, hotswap: bool) -> None:
@@ -151,7 +172,9 @@ def load_read(model: nn.Module, config: dict, tensors: dict[str, Tensor], folder
     _check_name(model, adapter_name, hotswap)
     found = get_adapters(model)
     if hotswap:
-        _hotswap(model, adapter_name, config, tensors, folder)
+        from .hotswap import hotswap_weights
+
+        hotswap_weights(model, adapter_name, config, tensors, folder)
         return wrapper
     saved_base = config["base_model"]
     this_base = base_identity(model)
@@ -218,30 +241,6 @@ def _remove(model: nn.Module, adapter_name: str, only: bool) -> None:
         delete_adapter(model, adapter_name)
 
 
-def _hotswap(model: nn.Module, adapter_name: str, config: dict, tensors: dict[str, Tensor],
-             folder: Path) -> None:
-    """Copy the file's tensors into adapter `adapter_name`'s own, in place: same objects, so
-    optimizers and torch.compile'd graphs keep working. Everything is checked first."""
-    from .state import require_state
-
-    state = require_state(model, "load_adapter(hotswap=True)", adapter_name)
-    ours = [{"name": m.name, "config": m.to_dict()} for m in state.methods]
-    if json.loads(json.dumps(ours)) != config["methods"]:
-        raise AdapterLoadError(
-            f"hotswap: the adapter in {folder} was made with other methods or options than adapter "
-            f"{adapter_name!r} ({[m['name'] for m in config['methods']]} vs {[m.name for m in state.methods]}); "
-            "hotswap replaces weights of the same shapes only. Load it under a new adapter_name instead")
-    live = adapter_tensors(model, adapter_name)
-    problems = _mismatches(live, tensors, bool(config.get("from_peft")))
-    if problems:
-        raise AdapterLoadError(f"hotswap: adapter in {folder} does not fit adapter {adapter_name!r}: "
-                               f"{'; '.join(problems)}")
-    with torch.no_grad():
-        for name, target in live.items():
-            if name in tensors:
-                target.copy_(tensors[name])
-
-
 def _warn_other_weights(saved: dict, this: dict) -> None:
     """Warn when the adapter was trained on other pretrained weights of the same architecture."""
     import warnings
@@ -253,4 +252,4 @@ def _warn_other_weights(saved: dict, this: dict) -> None:
                       f"{this_id or this_tag}: outputs will differ from the trained model's. Build "
                       f"the base with the recorded weights (e.g. timm.create_model("
                       f"'{saved.get('name')}.{saved_tag}', pretrained=True))",
-                      stacklevel=3)
+                      stacklevel=5)  # the caller of load_adapter (-> _load_folder -> load_read)

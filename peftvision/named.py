@@ -283,6 +283,22 @@ def _remove_layers(model: nn.Module, name: str) -> None:
                 module._modules[child_name] = child
 
 
+def adapter_modules(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
+    """(canonical name, module) of every module peftvision inserted, nested layers included
+    (the layer an AdapterLayer wraps keeps the wrapper's name), outer before inner."""
+
+    def walk(module: nn.Module, canonical: str):
+        if isinstance(module, Adapter):
+            yield canonical, module
+        for cname, child in module._modules.items():
+            if child is None:
+                continue
+            inner = isinstance(module, AdapterLayer) and cname == "base_layer"
+            yield from walk(child, canonical if inner else _join(canonical, cname))
+
+    yield from walk(model, "")
+
+
 # -- one adapter seen alone ------------------------------------------------------------------
 class SoloEntry(NamedTuple):
     name: str  # the state-dict name a model with only this adapter would have

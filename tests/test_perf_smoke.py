@@ -28,3 +28,19 @@ def test_qlora_benchmark_tiny(capsys):
     assert float(rows["float32"][3]) == 0.0  # drift of the float model against itself
     assert float(rows["nf4"][2]) < float(rows["int8"][2]) < 1.0  # weight memory vs float
     assert len({r[4] for r in rows.values()}) == 1  # LoRA trains the same count on every base
+
+
+def test_mixing_benchmark_tiny(tmp_path, capsys):
+    import pytest
+
+    pytest.importorskip("peft")
+    from benchmarks.perf import mixing
+
+    out = tmp_path / "mixing.json"
+    rows = mixing.main(["--tiny", "--reps", "1", "--out", str(out)])
+    assert [r["kind"] for r in rows] == ["cat", "svd", "svd", "linear"]
+    assert all(r["max_abs_diff"] <= 1e-5 * max(1.0, r["output_max_abs"]) for r in rows)  # same mixes
+    svd = [r for r in rows if r["kind"] == "svd"]
+    assert all(abs(r["svd_rel_error"] - r["best_rel_error"]) < 1e-4 for r in svd)  # Eckart–Young
+    assert json.loads(out.read_text())["rows"] == rows
+    assert "peftvision s" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import AdapterLoadError, ConfigError
 from ..layers import Adapter
+from ..named import adapter_modules
 from ..state import iter_parameters, require_state
 
 PEFT_PREFIX = "base_model.model."
@@ -68,8 +69,8 @@ def peft_files(model: nn.Module) -> tuple[dict, dict[str, Tensor], dict[str, Ten
                           f"{names}; save it in peftvision's format instead")
     method, codec = state.methods[0], by_method[names[0]]
     layers = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Adapter):
+    for name, module in adapter_modules(model):  # canonical names: other adapters looked through
+        if isinstance(module, Adapter) and module.adapter_name == state.adapter_name:
             if not isinstance(module, codec.layers):
                 raise ConfigError(f"format='peft' cannot hold {name}: a {type(module).__name__} "
                                   f"({module.method_name}); save it in peftvision's format instead")

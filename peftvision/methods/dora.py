@@ -28,6 +28,9 @@ class DoRAMixin(LoRALayer):
     # W' = (m/‖W0 + ΔW‖)·(W0 + ΔW) no longer holds ‖W0 + ΔW‖ (‖W'‖ = |m|), and m may be ~0:
     # merge keeps W0 and unmerge writes it back bit for bit
     stash_on_merge = True
+    # peftvision.set_scale: the layer adds s·(its effect), W + s·(W' - W) when merged; DoRA's
+    # LoRA scaling stays as trained (scaling ΔW inside the norm would not reach W at s = 0)
+    effect_scale: float = 1.0
 
     def _setup_magnitude(self) -> None:
         if isinstance(self.base_layer, AdapterLayer):
@@ -70,11 +73,14 @@ class DoRAMixin(LoRALayer):
         else:
             w0x = self._base_product(x_drop)
         # b + W0·x + (m/‖·‖ - 1)·W0·x + (m/‖·‖)·ΔW·x = b + (m/‖·‖)·(W0 + ΔW)·x in eval mode
-        return out + (scale - 1) * w0x + scale * self.branch(x, x_drop)
+        effect = (scale - 1) * w0x + scale * self.branch(x, x_drop)
+        return out + (effect if self.effect_scale == 1.0 else effect * self.effect_scale)
 
     def merge_into(self, weight, bias):  # W' = (m/‖W0 + ΔW‖)·(W0 + ΔW), bias unchanged
         adapted = self._adapted_weight(weight)  # (out, in, *k)
-        weight.copy_(_on_weight(self.lora_magnitude / self._norm(adapted), weight) * adapted)
+        merged = _on_weight(self.lora_magnitude / self._norm(adapted), weight) * adapted
+        weight.copy_(merged if self.effect_scale == 1.0 else torch.lerp(weight.to(merged.dtype), merged,
+                                                                         self.effect_scale))
 
 
 def _on_weight(v: Tensor, weight: Tensor) -> Tensor:

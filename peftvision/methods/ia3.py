@@ -32,6 +32,8 @@ class IA3Layer(ChannelAffineLayer):
     """y = l ⊙ layer(x) on output channels [start, stop) (`on_input`: y = layer(l ⊙ x)); forward,
     merge and unmerge are the shared per-channel affine layer's (affine.py)."""
 
+    effect_scale: float = 1.0  # peftvision.set_scale: l becomes 1 + s·(l - 1)
+
     def __init__(self, base_layer: nn.Module, on_input: bool, start: int = 0) -> None:
         super().__init__(base_layer)
         layer = self.weighted_layer
@@ -41,10 +43,14 @@ class IA3Layer(ChannelAffineLayer):
         self.ia3_scale = nn.Parameter(torch.ones(channels - start, **like_kwargs(layer.weight)))
 
     def affine_params(self) -> tuple[Tensor, None]:
-        """l over every channel: padded with ones over those it leaves alone (a fused qkv's q third)."""
+        """l over every channel (with set_scale's s: 1 + s·(l - 1), i.e. W·diag(l) - W scaled by
+        s), padded with ones over those it leaves alone (a fused qkv's q third)."""
+        scale = self.ia3_scale
+        if self.effect_scale != 1.0:
+            scale = 1 + (scale - 1) * self.effect_scale
         if not self.start:
-            return self.ia3_scale, None
-        return torch.cat([self.ia3_scale.new_ones(self.start), self.ia3_scale]), None  # (channels,)
+            return scale, None
+        return torch.cat([scale.new_ones(self.start), scale]), None  # (channels,)
 
 
 def ia3_params(config: IA3, layer: IA3Layer) -> int:
