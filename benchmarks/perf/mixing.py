@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,9 +66,7 @@ def pair(base: nn.Module, configs: dict) -> tuple[nn.Module, nn.Module]:
             theirs = peft.PeftModel(copy.deepcopy(base), pcfg, adapter_name=name)
         else:
             theirs.add_adapter(name, pcfg)
-    from peftvision.mixing import _layers
-
-    mine = {(layer.adapter_name, c): layer for c, layer in _layers(ours)}
+    mine = {(layer.adapter_name, c): layer for c, layer in _lora_layers(ours)}
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, m in theirs.base_model.model.named_modules():
@@ -79,6 +78,14 @@ def pair(base: nn.Module, configs: dict) -> tuple[nn.Module, nn.Module]:
                         theirs_p.copy_(value)
                         ours_p.copy_(value)
     return ours, theirs
+
+
+def _lora_layers(model: nn.Module):
+    """(the user module's name, layer) of every LoRA layer, nested ones (other named adapters on
+    the same module wrap one another through `base_layer`) included."""
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "adapter_name"):
+            yield re.sub(r"(\.base_layer)+$", "", name), module
 
 
 def _timed(fn, *args, **kwargs) -> float:
@@ -94,10 +101,8 @@ def _timed(fn, *args, **kwargs) -> float:
 def svd_error(model: nn.Module, rank: int) -> tuple[float, float]:
     """(relative Frobenius error of the mix's ΔW vs Σ wᵢ·ΔWᵢ, the best possible at `rank`),
     the worst over the adapted modules."""
-    from peftvision.mixing import _layers
-
     deltas: dict[str, dict[str, torch.Tensor]] = {}
-    for canonical, layer in _layers(model):
+    for canonical, layer in _lora_layers(model):
         deltas.setdefault(canonical, {})[layer.adapter_name] = layer.delta_weight().detach().float()
     worst = best = 0.0
     for parts in deltas.values():
