@@ -10,14 +10,17 @@ GroupNorm and LayerNorm, which is our default. We add the shift as a delta,
     W' = W + U·diag(ReLU(σ + δ) − σ)·Vᵀ,
 rather than rebuilding U·diag(·)·Vᵀ (whose product differs from W by fp32 rounding): the delta
 is exactly zero at δ = 0 (σ ≥ 0, so ReLU(σ) − σ = 0) and the model starts exactly as the base
-model (inference, and every form below but `replace`).
+model.
 
-Training takes the cheapest of equal forms for each layer and batch (no SVD ever runs after apply):
-- replace: y = U·(ReLU(σ+δ) ⊙ Vᵀx) + b instead of the frozen layer (a Linear, or a conv whose Vᵀ
-  runs as a conv and U as a 1x1 one): cheaper than the frozen layer plus weight gradients
-  wherever the layer is wider than it is deep in k (ViT-B: every Linear). At δ = 0 it equals the
-  base layer within fp32 rounding of U·diag(σ)·Vᵀ vs W (relative ~1e-6), not bitwise;
-- weight space: one call of the layer with W + ΔW, ΔW = (U * shift) @ Vᵀ (wide inputs, groups);
+Training takes the cheapest of equal forms per layer and batch (multiply-adds counted in
+`training_form`; no SVD ever runs after apply):
+- replace (both factors kept, W frozen, the layer's own op): y = U·(ReLU(σ+δ) ⊙ Vᵀx) + b in
+  place of the frozen layer, W never read: 2·P·k·(m+n) for P positions against weight space's
+  3·P·m·n + 2·m·n·k (ViT-B's Linears: 1.33x their frozen cost against 1.5x plus the rebuilds).
+  At δ = 0 it equals the base layer within the fp32 rounding of U·diag(σ)·Vᵀ against W, not
+  bitwise (tests/test_svdiff_forms.py); inference and the other forms are bitwise there;
+- project (one factor kept, below): W's output or input through that factor;
+- weight space: one call of the layer with W + ΔW, ΔW = (U * shift) @ Vᵀ (grouped convs; W trained);
 - factored: layer(x) + U·(shift ⊙ Vᵀx) (nested in another adapter, few positions).
 
 Factors kept (`factors`): U (m x k) and Vᵀ (k x n) together are k(m+n) values, more than W itself;
