@@ -819,7 +819,11 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         from . import svdiff_state
 
         data["svdiff_state"] = {**svdiff_state.measure(), **stamp}
-    data["commands"] = [c for c in data.get("commands", []) if c[0] != stamp["command"]]
+    # only the commands whose results the file still holds (a model measured again replaces them)
+    sources = [*data["models"].values(), *(data.get("apply_timing") or {}).values(),
+               data.get("svdiff_state") or {}]
+    held = {e.get("command") for e in sources}
+    data["commands"] = [c for c in data.get("commands", []) if c[0] != stamp["command"] and c[0] in held]
     data["commands"].append([stamp["command"], dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")])
     data["machine"] = common.machine()
     if args.out:

@@ -342,7 +342,8 @@ def render(data: dict[str, Any], source: str = "benchmarks/results/perf/compare_
                   f"{entry['loadavg_1m_start']:.1f} -> {entry['loadavg_1m_end']:.1f}; measured "
                   f"{entry['timestamp']} in {entry['elapsed_s'] / 60:.1f} min at git "
                   f"{(entry.get('git_sha') or '?')[:10]}"
-                  f"{' + uncommitted changes' if entry.get('git_dirty') else ''}.", "",
+                  f"{' + uncommitted changes' if entry.get('git_dirty') else ''}; command: "
+                  f"`{entry.get('command', '?')}`.", "",
                   "Against peft (same weights, inputs, targets, rank, head):", ""]
         lines += peer_table(entry) + ["", "Every method:", ""] + methods_table(entry) + [""]
         compiled = compile_table(entry)
