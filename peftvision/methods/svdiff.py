@@ -33,7 +33,9 @@ W stays bitwise (identity at δ = 0, exact unmerge). Dividing by σ costs accura
 directions: the error relative to the output is ~ε_fp32·max|shift_i|/σ_i, so one factor is kept
 only where σ_max/σ_min <= CONDITION_LIMIT (1e3: <= ~1e-4 relative when |shift| ~ σ_max);
 other layers keep both ("both": every layer, the fastest to train). Totals on SD-1.5 (UNet, its
-factors and δ; tests/test_svdiff_memory.py): 2.26x the UNet with "both", 1.46x "auto", 1.26x "one".
+factors and δ; tests/test_svdiff_memory.py), counted as if every layer were well-conditioned:
+2.26x the UNet with "both", 1.46x "auto", 1.26x "one"; with the real SVDs of a random-init UNet
+"auto" measured 1.49x (its ill-conditioned layers keep both factors).
 A layer with one factor follows W if W itself trains (its ΔW is defined through W).
 
 The SVD runs once per apply (a progress bar on a terminal); set PEFTVISION_SVD_CACHE=<folder> to
