@@ -6,7 +6,8 @@ from models import make_inputs, make_model, run
 
 import peftvision as pv
 
-CASES = [("vit", ["lora", "bias"]), ("vit", "vpt"), ("resnet", "ssf"), ("unet", "bias")]
+CASES = [("vit", ["lora", "bias"]), ("vit", "vpt"), ("resnet", "ssf"), ("unet", "bias"),
+         ("vit", "ssf"), ("vit", "svdiff"), ("unet", "svdiff")]  # svdiff: its training forms
 
 
 @pytest.mark.parametrize("arch,method", CASES)

@@ -47,9 +47,11 @@ def test_fused_qkv_lora_delta_and_forward_are_the_reshape_formulas():
 
 def test_svdiff_conv_weight_is_factored_as_out_by_the_rest():
     conv = nn.Conv2d(4, 6, 3)
-    shift = SpectralShift(conv)
+    shift = SpectralShift(conv, factors="both")
     u, s, vh = torch.linalg.svd(conv.weight.detach().reshape(6, -1), full_matrices=False)
     assert torch.equal(shift.svd_s, s) and torch.equal(shift.svd_u, u) and torch.equal(shift.svd_vh, vh)
+    small = SpectralShift(conv)  # a conv keeps only U (6 x 6) by default, Vᵀ (6 x 36) implied by W
+    assert torch.equal(small.svd_u, u) and small.svd_vh is None
 
 
 def test_vpt_prompts_follow_the_prefix_tokens():

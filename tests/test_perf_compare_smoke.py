@@ -60,3 +60,16 @@ def test_compare_benchmark_tiny(tmp_path, capsys):
     # rendering again from the JSON alone gives the same document
     compare.main(["--render", "--out", str(out), "--markdown", str(tmp_path / "again.md")])
     assert (tmp_path / "again.md").read_text() == text
+
+
+def test_svdiff_state_section(tmp_path):
+    # --model none: only the SD-1.5 state count (meta device), rendered with its target
+    out, md = tmp_path / "state.json", tmp_path / "state.md"
+    compare.main(["--model", "none", "--no-apply-timing", "--svdiff-state", "--out", str(out),
+                  "--markdown", str(md)])
+    state = json.loads(out.read_text())["svdiff_state"]
+    ratios = {r["factors"]: r["ratio"] for r in state["rows"]}
+    assert ratios["one"] < ratios["auto"] <= 1.5 < 2 < ratios["both"]
+    text = md.read_text()
+    assert "## SV-Diff state on the SD-1.5 UNet" in text
+    assert "| svdiff state (factors=auto) <= 1.50x the UNet | sd15-unet |" in text and "| met |" in text

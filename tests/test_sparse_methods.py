@@ -19,7 +19,7 @@ from torch import nn
 import peftvision as pv
 from peftvision import ConfigError, CorruptAdapterError
 from peftvision.layers import Adapter, AdapterLayer
-from peftvision.methods.sparse_layers import SparseDeltaLayer
+from peftvision.methods.sparse_layers import SampledPattern, SparseDeltaLayer
 from peftvision.methods.sparse_selection import top_k
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -327,6 +327,8 @@ def _dense_reference(layer: nn.Module, layer_sd: SparseDeltaLayer, x: torch.Tens
 
 @pytest.mark.parametrize("make,shape,density", [
     (lambda: nn.Linear(20, 30), (3, 5, 20), 0.02),  # sampled matmul for the values' gradient
+    (lambda: nn.Linear(30, 20), (3, 5, 30), 0.02),  # in > out: sampled on Wᵀ's pattern
+    (lambda: nn.Linear(30, 20), (3, 5, 30), 0.09),  # just under SAMPLED_MAX_DENSITY
     (lambda: nn.Linear(20, 30), (3, 5, 20), 0.5),  # dense weight gradient, gathered
     (lambda: nn.Conv2d(4, 6, 3, padding=1, stride=2), (2, 4, 9, 9), 0.1),
     (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect"), (2, 4, 9, 9), 0.1),
@@ -635,3 +637,34 @@ def test_config_serialises_without_runtime_fields():
     assert {"data", "loss_fn"}.isdisjoint(cfg.to_dict())
     json.dumps(cfg.to_dict())
     assert "spt" in pv.methods() and "shpeft" in pv.methods()
+
+
+@pytest.mark.parametrize("out_f, in_f", [(7, 40), (40, 7), (9, 9)])
+def test_sampled_pattern_equals_the_dense_gradient_at_the_entries(out_f, in_f):
+    # both orientations (Wᵀ's pattern when in > out) give gradᵀ·x at the flat indices, in order
+    torch.manual_seed(0)
+    idx = torch.randperm(out_f * in_f)[: out_f * in_f // 5].sort().values.to(torch.int32)
+    grad, x = torch.randn(11, out_f, dtype=torch.float64), torch.randn(11, in_f, dtype=torch.float64)
+    pattern = SampledPattern(idx, torch.Size((out_f, in_f)))
+    assert pattern.transposed == (in_f > out_f)
+    expected = (grad.T @ x).reshape(-1)[idx.long()]
+    torch.testing.assert_close(pattern.grad(grad, x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sampled_pattern_is_built_once_per_selection(monkeypatch):
+    layer = SparseDeltaLayer(nn.Linear(30, 20), {"weight": torch.arange(0, 600, 50)})
+    built, original = [], SampledPattern.__init__
+
+    def counting(self, *args):
+        built.append(1)
+        original(self, *args)
+
+    monkeypatch.setattr(SampledPattern, "__init__", counting)
+    x = torch.randn(4, 30)
+    for _ in range(3):
+        layer(x).sum().backward()
+    assert len(built) == 1 and layer.values_weight.grad is not None
+    with torch.no_grad():
+        layer.indices_weight.copy_(torch.arange(1, 600, 50))  # load_adapter fills them: rebuilt
+    layer(x).sum().backward()
+    assert len(built) == 2

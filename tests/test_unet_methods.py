@@ -21,11 +21,13 @@ def _spectral_layers(model):
     return {n: m for n, m in model.named_modules() if isinstance(m, SpectralShift)}
 
 
-def _brute_force_weight(shift: SpectralShift) -> torch.Tensor:
-    """U·diag(ReLU(σ+δ))·Vᵀ from the layer's own SVD buffers, in float64, reshaped to the weight."""
-    u, s, vh = (t.double() for t in (shift.svd_u, shift.svd_s, shift.svd_vh))
-    full = u @ torch.diag(F.relu(s + shift.svd_delta.double())) @ vh
-    return full.reshape(shift.weighted_layer.weight.shape).float()
+def _brute_force_weight(shift: SpectralShift, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """U·diag(ReLU(σ+δ))·Vᵀ from a float64 SVD of the base weight (not the layer's buffers, of
+    which one may be dropped), reshaped to the weight; δ pairs with σ in descending order."""
+    weight = shift.weighted_layer.weight if weight is None else weight
+    u, s, vh = torch.linalg.svd(weight.detach().double().reshape(weight.shape[0], -1), full_matrices=False)
+    full = u @ torch.diag(F.relu(s + shift.svd_delta.detach().double())) @ vh
+    return full.reshape(weight.shape).float()
 
 
 @pytest.mark.parametrize("method", ["svdiff", "difffit", ["svdiff", "difffit"]])
@@ -52,17 +54,17 @@ LAYERS = {  # name -> (layer factory, input shape)
 
 
 @pytest.mark.parametrize("name", LAYERS)
-@pytest.mark.parametrize("path", ["weight", "factored"])
+@pytest.mark.parametrize("path", ["weight", "factored", "replace"])
 def test_svdiff_forward_equals_brute_force_reconstruction(name, path, monkeypatch):
     torch.manual_seed(0)
     factory, x_shape = LAYERS[name]
     layer = factory()
-    if path == "factored" and getattr(layer, "groups", 1) != 1:
+    if path != "weight" and getattr(layer, "groups", 1) != 1:
         pytest.skip("grouped convs always take the weight-space path")
-    monkeypatch.setattr(SpectralShift, "factored_is_cheaper", lambda self, x, direct: path == "factored")
+    monkeypatch.setattr(SpectralShift, "training_form", lambda self, x, direct: path)
     model = nn.Sequential(layer)
     weight = layer.weight.detach().clone()
-    pv.apply(model, "svdiff", targets=["0"])
+    pv.apply(model, "svdiff", targets=["0"], factors="both")
     shift = model[0]
     k = min(weight.shape[0], weight[0].numel())
     assert shift.svd_delta.shape == (k,)
@@ -84,11 +86,15 @@ def test_svdiff_forward_equals_brute_force_reconstruction(name, path, monkeypatc
     assert torch.allclose(layer.weight, brute, atol=1e-6)
 
 
-@pytest.mark.parametrize("size, factored", [(4, True), (64, False)])
-def test_svdiff_picks_the_cheaper_form(size, factored):
-    model = pv.apply(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)), "svdiff", targets=["0"])
-    # 16 positions: U·(shift ⊙ Vᵀx) is cheaper than rebuilding ΔW; 4096: weight space is
-    assert model[0].factored_is_cheaper(torch.zeros(1, 64, size, size), direct=True) is factored
+@pytest.mark.parametrize("size, train_w, form", [(4, True, "factored"), (64, True, "weight"),
+                                                (4, False, "replace"), (64, False, "replace")])
+def test_svdiff_picks_the_cheaper_form(size, train_w, form):
+    model = pv.apply(nn.Sequential(nn.Conv2d(64, 64, 3, padding=1)), "svdiff", targets=["0"],
+                     factors="both")
+    model[0].weighted_layer.weight.requires_grad_(train_w)  # W trains too: replace would drop its grad
+    # with W trained, at 16 positions U·(shift ⊙ Vᵀx) is cheaper than rebuilding ΔW, at 4096
+    # weight space is; W frozen: U·(σ' ⊙ Vᵀx) in place of the conv costs 10/9 of the conv
+    assert model[0].training_form(torch.zeros(1, 64, size, size), direct=True) == form
 
 
 def test_svdiff_no_svd_after_apply(monkeypatch):

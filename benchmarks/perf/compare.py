@@ -6,6 +6,7 @@
     python -m benchmarks.perf.compare --model unet --methods lora,bias --out FILE.json
     python -m benchmarks.perf.compare --model none --apply-models vit_huge_patch14_224 --out FILE.json
     python -m benchmarks.perf.compare --render --out FILE.json --markdown docs/performance.md
+    python -m benchmarks.perf.compare --model none --no-apply-timing --svdiff-state --out FILE.json
     python -m benchmarks.perf.compare --tiny --steps 1 --warmup 1 --infer-reps 1   # smoke test
 The committed results were measured by the commands listed at the end of docs/performance.md.
 
@@ -745,6 +746,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--apply-models", nargs="*", default=["vit_huge_patch14_224", "sd15-unet"],
                    help="models to time apply on (zoo names); none: skip")
     p.add_argument("--no-apply-timing", action="store_true", help="the same as --apply-models")
+    p.add_argument("--svdiff-state", action="store_true",
+                   help="count SV-Diff's state on the SD-1.5 UNet per factors layout (meta, seconds)")
     p.add_argument("--full-svd", action="store_true",
                    help="also time svdiff's SVD of every ViT weight (default: blocks.0, scaled)")
     p.add_argument("--svd-timeout", type=float, default=600, help="limit for svdiff's full apply")
@@ -812,7 +815,15 @@ def measure(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         data["apply_timing"] = timing
         if args.out:
             common.write_json(args.out, data)
-    data["commands"] = [c for c in data.get("commands", []) if c[0] != stamp["command"]]
+    if args.svdiff_state:
+        from . import svdiff_state
+
+        data["svdiff_state"] = {**svdiff_state.measure(), **stamp}
+    # only the commands whose results the file still holds (a model measured again replaces them)
+    sources = [*data["models"].values(), *(data.get("apply_timing") or {}).values(),
+               data.get("svdiff_state") or {}]
+    held = {e.get("command") for e in sources}
+    data["commands"] = [c for c in data.get("commands", []) if c[0] != stamp["command"] and c[0] in held]
     data["commands"].append([stamp["command"], dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")])
     data["machine"] = common.machine()
     if args.out:

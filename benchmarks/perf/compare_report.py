@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import common
+from . import common, svdiff_state
 
 TARGETS = {"step_vs_peft": 1.00, "peak_vs_peft": 1.00, "merged_vs_base": 1.01, "merge_vs_peft": 1.00,
            "selective_vs_frozen": 1.05, "apply_s": 1.0,
@@ -345,7 +345,8 @@ def render(data: dict[str, Any], source: str = "benchmarks/results/perf/compare_
                   f"{entry['loadavg_1m_start']:.1f} -> {entry['loadavg_1m_end']:.1f}; measured "
                   f"{entry['timestamp']} in {entry['elapsed_s'] / 60:.1f} min at git "
                   f"{(entry.get('git_sha') or '?')[:10]}"
-                  f"{' + uncommitted changes' if entry.get('git_dirty') else ''}.", "",
+                  f"{' + uncommitted changes' if entry.get('git_dirty') else ''}; command: "
+                  f"`{entry.get('command', '?')}`.", "",
                   "Against peft (same weights, inputs, targets, rank, head):", ""]
         lines += peer_table(entry) + ["", "Every method:", ""] + methods_table(entry) + [""]
         compiled = compile_table(entry)
@@ -356,10 +357,12 @@ def render(data: dict[str, Any], source: str = "benchmarks/results/perf/compare_
         lines += [f"## apply time on {timing['model']}", "",
                   f"{timing.get('params', 0):,} parameters, built once; each method applied, timed, "
                   "then unloaded.", ""] + apply_table(timing) + [""]
+    if data.get("svdiff_state"):
+        lines += svdiff_state.table(data["svdiff_state"]) + [""]
     lines += ["## Targets", "",
               "Checked on CPU-time medians. *unresolved (noise)*: the medians miss the limit but "
               "the best runs meet it (the best-of-runs ratio is in the note), so this machine's "
               "noise cannot tell; *reported*: one-time costs shown, not held to the limit.", ""]
-    lines += targets_table(evaluate_targets(data)) + [""]
+    lines += targets_table(evaluate_targets(data) + svdiff_state.targets(data.get("svdiff_state"))) + [""]
     lines += ["## Commands", ""] + [f"- `{c}` ({t})" for c, t in data.get("commands", [])] + [""]
     return "\n".join(lines)
