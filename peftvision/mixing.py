@@ -30,7 +30,7 @@ from .methods.dora import DoRAMixin
 from .methods.loha import LoHaLayer
 from .methods.lokr import LoKrLayer
 from .methods.lora import QKV, LoRA, LoRAConv, LoRAFusedLinear, LoRALayer
-from .named import _check_unmerged, _require, adapter_modules, check_adapter_name
+from .named import _check_unmerged, _require, adapter_modules, check_adapter_name, check_known
 from .state import AdapterSet
 from .wrappers import unwrap
 
@@ -94,12 +94,7 @@ def _check_arguments(found: AdapterSet, adapters, weights, adapter_name, combina
             or not all(isinstance(a, str) for a in adapters):
         raise ConfigError(f"add_weighted_adapter: adapters must be a non-empty list of adapter names, "
                           f"got {adapters!r}; adapters: {list(found.states)}")
-    unknown = [a for a in adapters if a not in found.states]
-    if unknown:
-        raise ConfigError(f"add_weighted_adapter: no adapter named {', '.join(map(repr, unknown))}; "
-                          f"adapters: {list(found.states)}")
-    if len(set(adapters)) != len(adapters):
-        raise ConfigError(f"add_weighted_adapter: adapter listed twice: {list(adapters)}")
+    check_known(found, adapters, "add_weighted_adapter")
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) \
             or len(weights) != len(adapters) \
             or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)

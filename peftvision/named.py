@@ -50,16 +50,21 @@ def set_adapter(model: nn.Module, adapter_name: str | Sequence[str]) -> nn.Modul
     if not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"set_adapter needs an adapter name or a list of names, got {adapter_name!r}; "
                           f"adapters: {list(found.states)}")
-    unknown = [n for n in names if n not in found.states]
-    if unknown:
-        raise ConfigError(f"set_adapter: no adapter named {', '.join(map(repr, unknown))}; "
-                          f"adapters: {list(found.states)}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"set_adapter: adapter listed twice: {list(names)}")
+    check_known(found, names, "set_adapter")
     _check_unmerged(model, "set_adapter")
     _check_stackable(model, names)
     activate(model, names)
     return wrapper
+
+
+def check_known(found: AdapterSet, names: Sequence[str], action: str) -> None:
+    """ConfigError unless every name is an adapter of the model, each listed once."""
+    unknown = [n for n in names if n not in found.states]
+    if unknown:
+        raise ConfigError(f"{action}: no adapter named {', '.join(map(repr, unknown))}; "
+                          f"adapters: {list(found.states)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{action}: adapter listed twice: {list(names)}")
 
 
 def _check_stackable(model: nn.Module, names: tuple[str, ...]) -> None:

@@ -8,12 +8,11 @@ draw of the run seed's generator, so runs with one split and one seed line up ac
 
 from __future__ import annotations
 
-import json
 import textwrap
 from collections import defaultdict
 from pathlib import Path
 
-from ..results import KIND
+from .table4 import text_to_image_results
 
 COLUMNS = 4  # prompts shown
 
@@ -22,13 +21,7 @@ def load_samples(directory: str | Path) -> list[dict]:
     """(model, dataset, method, fraction, seed, test_sha256, samples, run dir) of every text-to-image
     result that kept samples."""
     out = []
-    for path in sorted(Path(directory).rglob("result.json")):
-        try:
-            r = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if not isinstance(r, dict) or r.get("kind") != KIND or r.get("task") != "text-to-image":
-            continue
+    for path, r in text_to_image_results(directory):
         if not r.get("samples"):
             continue
         out.append({"model": r["model"]["name"], "dataset": r["dataset"]["name"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..metrics import mean_std
@@ -16,16 +17,22 @@ from ..results import KIND
 from ..table import rank_within
 
 
-def load_generation(directory: str | Path) -> list[dict]:
-    """(model, dataset, method, fraction, seed, fid, fid_kind) of every text-to-image result."""
-    rows = []
+def text_to_image_results(directory: str | Path) -> Iterator[tuple[Path, dict]]:
+    """(path, result) of every readable text-to-image result.json under `directory`; other and
+    broken files are skipped."""
     for path in sorted(Path(directory).rglob("result.json")):
         try:
             r = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(r, dict) or r.get("kind") != KIND or r.get("task") != "text-to-image":
-            continue
+        if isinstance(r, dict) and r.get("kind") == KIND and r.get("task") == "text-to-image":
+            yield path, r
+
+
+def load_generation(directory: str | Path) -> list[dict]:
+    """(model, dataset, method, fraction, seed, fid, fid_kind) of every text-to-image result."""
+    rows = []
+    for _, r in text_to_image_results(directory):
         fid_key = next((k for k in r["metrics"] if k.startswith("fid_")), None)
         if fid_key is None or r["metrics"][fid_key] is None:
             continue
