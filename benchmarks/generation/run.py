@@ -26,7 +26,7 @@ from . import data as gdata
 from .components import load_components
 from .fid import compute_fid, make_fid
 from .sample import generate, save_grid
-from .train import train
+from .train import PRECISIONS, make_accelerator, train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -64,7 +64,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--fid-features", choices=("auto", "inception", "offline"), default="auto",
                    help="auto: InceptionV3 if it loads, else the offline random-conv features")
     p.add_argument("--inception-weights", default=None, help="local FID Inception weights file")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda if available, else cpu; "
+                   "under `accelerate launch`, each process's GPU)")
+    p.add_argument("--mixed-precision", choices=PRECISIONS, default="auto",
+                   help="UNet training under accelerate autocast; auto: bf16 (fp16 without bf16) on "
+                        "CUDA, no on CPU; fp16 needs CUDA")
     p.add_argument("--out", default="runs/generate", help="<out>/<run>/: result.json, adapter, samples.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", help="one run per seed (e.g. 0 1 2 3, Table 4's four); "
@@ -143,9 +147,14 @@ def run_dir_name(args: argparse.Namespace, names: list[str]) -> str:
     return "generate__" + results.run_name(dataset_name(args.data), model, "+".join(names), args.fraction, args.seed)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """One run; the result on the main process. Under `accelerate launch` with several processes
+    every process trains on its shard of each batch (the adapters stay equal: DDP averages the
+    gradients); only the main process then samples, computes FID over the whole test set and
+    writes the run directory; the others return None."""
     start = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    accelerator = make_accelerator(args.device, args.mixed_precision)
+    device = accelerator.device
     results.reset_peak_memory(device)
     torch.manual_seed(args.seed)
     names, configs, options = parse_method(args.method, args.option)
@@ -167,16 +176,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         pv.apply(c.unet, configs)
     params = pv.report(c.unet)
-    print(params, flush=True)
+    if accelerator.is_main_process:
+        print(params, flush=True)
 
     t0 = time.perf_counter()
+    # --batch-size is per process: the global batch is num_processes x it (accelerate shards
+    # the loader's batches over the processes, so drop_last looks at the global batch)
+    world = accelerator.num_processes
     loader = DataLoader(gdata.CaptionDataset(train_set, size), batch_size=args.batch_size,
-                        shuffle=True, drop_last=len(train_set) >= args.batch_size,
+                        shuffle=True, drop_last=len(train_set) >= args.batch_size * world,
                         generator=torch.Generator().manual_seed(args.seed))
     losses = (train(c, loader, args.steps, args.lr, device,
-                    torch.Generator(device).manual_seed(args.seed), log_every=max(1, args.steps // 10))
+                    torch.Generator(device).manual_seed(args.seed), log_every=max(1, args.steps // 10),
+                    accelerator=accelerator)
               if names != ["none"] and args.steps > 0 else [])
     train_s = time.perf_counter() - t0
+    if not accelerator.is_main_process:
+        return None
 
     t0 = time.perf_counter()
     n = args.num_samples or len(test_set)
@@ -203,11 +219,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         metrics={fid_name: fid})
         adapter.update(path=str(run_dir), bytes=(run_dir / "adapter_model.safetensors").stat().st_size)
     recorded = pv.applied(c.unet)
-    env = results.environment(str(device))
+    env = results.environment(str(device), world)
     env["versions"].update({m: version(m) for m in ("diffusers", "transformers", "torchmetrics")})
     result = {
         "kind": results.KIND, "schema": results.SCHEMA, "task": "text-to-image",
-        "config": {**{k: v for k, v in vars(args).items() if k != "func"}, "image_size": size},
+        "config": {**{k: v for k, v in vars(args).items() if k != "func"}, "image_size": size,
+                   "mixed_precision": accelerator.mixed_precision, "num_processes": world,
+                   "global_batch_size": args.batch_size * world},
         "method": {"label": "+".join(names), "names": names, "options": options,
                    # as apply recorded them (shpeft/spt: with the selection it chose)
                    "configs": {m.name: m.config.to_dict() for m in recorded.methods} if recorded
@@ -235,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = add_arguments(argparse.ArgumentParser(
         prog="python -m benchmarks.generation", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter))
