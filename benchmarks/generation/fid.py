@@ -49,13 +49,17 @@ class OfflineFeatures(nn.Module):
 
 def make_fid(features: str = "auto", inception_weights: str | None = None):
     """(metric name, FrechetInceptionDistance) for features 'inception', 'offline' or 'auto'
-    (Inception when it can be loaded, else the offline features with a warning)."""
+    (Inception when it can be loaded, else the offline features with a warning).
+    The metric never syncs across processes: under `accelerate launch` the main process alone
+    holds every real and generated image, and a sync would wait on processes that are not there."""
     from torchmetrics.image.fid import FrechetInceptionDistance
+
+    local = {"sync_on_compute": False}
 
     if features in ("inception", "auto"):
         try:
             return "fid_inception", FrechetInceptionDistance(
-                feature=2048, feature_extractor_weights_path=inception_weights)
+                feature=2048, feature_extractor_weights_path=inception_weights, **local)
         except Exception as exc:  # no torch-fidelity, no network for the weights, ...
             if features == "inception":
                 raise SystemExit(f"FID Inception features unavailable ({exc}); pip install "
@@ -66,7 +70,7 @@ def make_fid(features: str = "auto", inception_weights: str | None = None):
                           stacklevel=2)
     elif features != "offline":
         raise ValueError(f"features must be 'inception', 'offline' or 'auto', got {features!r}")
-    return "fid_offline_features", FrechetInceptionDistance(feature=OfflineFeatures())
+    return "fid_offline_features", FrechetInceptionDistance(feature=OfflineFeatures(), **local)
 
 
 @torch.no_grad()
