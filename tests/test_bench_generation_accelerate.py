@@ -88,6 +88,8 @@ def test_auto_precision_is_none_on_cpu_and_fp16_on_cpu_is_refused():
         make_accelerator("cpu", "fp16")
     with pytest.raises(ValueError, match="--mixed-precision must be one of"):
         make_accelerator("cpu", "fp8")
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1 .*--device cuda"):
+        make_accelerator("cuda:1", "no")  # would silently run on accelerate's own choice of GPU
 
 
 def test_fid_metric_does_not_sync_across_processes():

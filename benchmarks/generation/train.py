@@ -43,6 +43,9 @@ def make_accelerator(device: str | None, mixed_precision: str = "auto"):
 
     if mixed_precision not in PRECISIONS:
         raise ValueError(f"--mixed-precision must be one of {', '.join(PRECISIONS)}, got {mixed_precision!r}")
+    if device and device.startswith("cuda:"):  # accelerate places each process on its own GPU
+        raise ValueError(f"--device {device}: pick the GPU with CUDA_VISIBLE_DEVICES={device[5:]} and pass "
+                         "--device cuda (accelerate chooses the device index)")
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {device} but no CUDA GPU is available; use --device cpu")
     cuda = torch.cuda.is_available() and device != "cpu"
