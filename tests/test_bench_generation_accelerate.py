@@ -77,8 +77,9 @@ def test_bf16_mixed_precision_on_cpu_trains_under_autocast(tmp_path):
     assert bf16["config"]["mixed_precision"] == "bf16" and full["config"]["mixed_precision"] == "no"
     a, b = full["history"]["train_loss"], bf16["history"]["train_loss"]
     assert all(math.isfinite(x) for x in b) and math.isfinite(bf16["metrics"]["fid_offline_features"])
-    # bf16 keeps ~3 significant digits: the same losses to a few percent, but not bit-equal
-    assert b == pytest.approx(a, rel=0.05) and a != b
+    # autocast ran (the losses are not bit-equal to fp32) and stayed close (measured: 2.7e-4
+    # relative; bf16 keeps ~3 significant digits, hence the 1e-2 bound)
+    assert b == pytest.approx(a, rel=1e-2) and a != b
     assert bf16["config"]["num_processes"] == 1
 
 
