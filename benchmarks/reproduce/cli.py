@@ -218,6 +218,10 @@ def cmd_reproduce(args) -> int:
               + "\n".join(lines), file=sys.stderr)
         return 2
     notes = execute(grid, specs, args)
+    from accelerate import PartialState
+
+    if PartialState._shared_state and not PartialState().is_main_process:
+        return 0  # under `accelerate launch`: the main process writes the tables and figures
     return finish(grid, args.out, notes, args)
 
 
