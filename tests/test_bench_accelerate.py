@@ -7,28 +7,15 @@ processes come from `--multi_gpu` (torchrun) with no GPU visible, which accelera
 with gloo. The test checks that it really ran two."""
 
 import json
-import os
 import pickle
-import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from launch import launch_two, needs_launcher
 
 from benchmarks.demo_data import write_medmnist
 from benchmarks.images import EpochRandomSampler, ImageDataset, SampleKey
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:  # other test runs on this machine may hold accelerate's 29500
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_training_flips_are_a_function_of_the_sampler_key():
@@ -53,8 +40,7 @@ def test_training_flips_are_a_function_of_the_sampler_key():
 
 
 @pytest.mark.slow  # two launched processes importing torch: about a minute on 2 shared cores
-@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
-                    reason="the accelerate launcher is not installed beside this Python")
+@needs_launcher
 def test_accelerate_launch_two_cpu_processes_gives_the_single_process_result(tmp_path):
     from safetensors.torch import load_file
 
@@ -66,14 +52,7 @@ def test_accelerate_launch_two_cpu_processes_gives_the_single_process_result(tmp
     common = ["--dataset", f"medmnist:{data}", "--model", "tiny-vit", "--method", "lora", "--no-pretrained",
               "--epochs", "2", "--image-size", "32", "--lr", "0.01", "--patience", "0",
               "--warmup-epochs", "0", "--quiet"]
-    launcher = Path(sys.executable).parent / "accelerate"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "benchmarks", "run", *common, "--batch-size", "8", "--out", str(tmp_path / "two")]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two(["run", *common, "--batch-size", "8", "--out", str(tmp_path / "two")], timeout=600)
     [path] = list((tmp_path / "two").rglob("result.json"))  # written once, by the main process
     two = json.loads(path.read_text())
     assert two["environment"]["hardware"]["num_processes"] == 2

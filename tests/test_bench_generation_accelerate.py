@@ -7,22 +7,15 @@ so two CPU processes come from `--multi_gpu` (torchrun) with no GPU visible (glo
 
 import json
 import math
-import os
-import shutil
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from launch import launch_two, needs_launcher
 
 from benchmarks.generation import data as gdata
 from benchmarks.generation.components import tiny_components
 from benchmarks.generation.run import main
 from benchmarks.generation.train import diffusion_loss, make_accelerator
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _batch(n=4, size=32):
@@ -101,15 +94,8 @@ def test_fid_metric_does_not_sync_across_processes():
     assert make_fid("offline")[1].sync_on_compute is False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:  # other test runs on this machine may hold accelerate's 29500
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # two launched processes importing torch and diffusers: about a minute here
-@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
-                    reason="the accelerate launcher is not installed beside this Python")
+@needs_launcher
 def test_accelerate_launch_two_cpu_processes_trains_the_single_process_adapter(tmp_path):
     from safetensors.torch import load_file
 
@@ -119,14 +105,7 @@ def test_accelerate_launch_two_cpu_processes_trains_the_single_process_adapter(t
     common = ["--model", "tiny", "--data", f"imagefolder-with-captions:{demo_dir}", "--method", "lora",
               "--steps", "5", "--lr", "0.01", "--image-size", "32", "--num-samples", "3",
               "--inference-steps", "2", "--fid-features", "offline", "--mixed-precision", "no"]
-    launcher = Path(sys.executable).parent / "accelerate"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
-    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "benchmarks", "generate", *common, "--batch-size", "2", "--out", str(tmp_path / "two")]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch_two(["generate", *common, "--batch-size", "2", "--out", str(tmp_path / "two")], timeout=900)
     [path] = list((tmp_path / "two").rglob("result.json"))  # written once, by the main process
     assert done.stdout.count("fid_offline_features = ") == 1  # FID computed and reported once
     two = json.loads(path.read_text())

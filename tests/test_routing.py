@@ -12,11 +12,11 @@ import copy
 import pytest
 import torch
 from models import BATCH, ZOO, zoo_inputs, zoo_model, zoo_run
+from test_named_adapters import perturb
 from torch import nn
 
 import peftvision as pv
 from peftvision.architectures import get_architecture
-from peftvision.checkpoint import adapter_tensors
 from peftvision.registry import _REGISTRY, _ensure_builtin_methods
 from peftvision.targets import detect_architecture
 
@@ -89,14 +89,6 @@ def sample(inputs: dict, i: int) -> dict:
         return value
 
     return {k: cut(k, v) for k, v in inputs.items()}
-
-
-def perturb(model: nn.Module, adapter_name: str, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in adapter_tensors(model, adapter_name).values():
-            if tensor.is_floating_point() and isinstance(tensor, nn.Parameter):
-                tensor.add_(torch.randn(tensor.shape, generator=g).to(tensor.dtype) * 0.05)
 
 
 def three_adapters(family: str, method: str, options: dict, partner: str | None = None) -> nn.Module:
