@@ -16,11 +16,11 @@ grids draw their stratified 75/10/15 split (split seed 0) over the converted row
 from __future__ import annotations
 
 import csv
-import os
 import sys
 from pathlib import Path
 
 from ..images import DataError
+from .labels_csv import write_labels
 
 METADATA = "fitzpatrick17k.csv"
 LABEL_COLUMNS = ("three_partition_label", "nine_partition_label", "label")
@@ -59,15 +59,8 @@ def rows(src: str | Path, label_column: str = "three_partition_label") -> tuple[
 
 def to_csv(src: str | Path, out: str | Path, label_column: str = "three_partition_label") -> Path:
     """Write `out` (path,label,fitzpatrick_scale); paths relative to `out`."""
-    out = Path(out).expanduser()
     items, absent = rows(src, label_column)
     if absent:
         print(f"fitzpatrick17k: {absent} row(s) without an image left out ({len(items)} kept)",
               file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "fitzpatrick_scale"])
-        for path, label, scale in items:
-            w.writerow([os.path.relpath(path.resolve(), out.parent.resolve()), label, scale])
-    return out
+    return write_labels(out, ["path", "label", "fitzpatrick_scale"], items)

@@ -12,10 +12,10 @@ images, so a per-image split can put one lesion on both sides, as the paper's co
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from ..images import DataError
+from .labels_csv import write_labels
 
 CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 IMAGE_DIRS = ("HAM10000_images_part_1", "HAM10000_images_part_2", "HAM10000_images", "images")
@@ -44,12 +44,4 @@ def rows(src: str | Path) -> list[tuple[Path, str]]:
 
 def to_csv(src: str | Path, out: str | Path) -> Path:
     """Write `out` (path,label) for the benchmark's `csv:` datasets; paths relative to `out`."""
-    out = Path(out).expanduser()
-    items = rows(src)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        for path, dx in items:
-            w.writerow([os.path.relpath(path.resolve(), out.parent.resolve()), dx])
-    return out
+    return write_labels(out, ["path", "label"], rows(src))

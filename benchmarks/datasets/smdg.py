@@ -14,10 +14,10 @@ stratified 75/10/15 split (split seed 0) over the converted rows.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from ..images import DataError
+from .labels_csv import write_labels
 
 METADATA = "metadata - standardized.csv"
 IMAGE_DIRS = ("full-fundus/full-fundus", "full-fundus")
@@ -60,12 +60,4 @@ def rows(src: str | Path, suspects: bool = True) -> list[tuple[Path, str]]:
 
 def to_csv(src: str | Path, out: str | Path, suspects: bool = True) -> Path:
     """Write `out` (path,label); paths relative to `out`."""
-    out = Path(out).expanduser()
-    items = rows(src, suspects)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        for path, label in items:
-            w.writerow([os.path.relpath(path.resolve(), out.parent.resolve()), label])
-    return out
+    return write_labels(out, ["path", "label"], rows(src, suspects))
